@@ -1,0 +1,84 @@
+"""Plain PyTorch reference of `rollingq_attention`: the oracle of every parity test.
+
+Written for clarity: the attention matrix is materialised, softmax is explicit, and everything is
+differentiable through PyTorch's autograd. Run it in float64 for an exact answer; run it in the
+kernel's dtype to learn how much error that dtype alone costs (design.md, "Numerics").
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .stats import AttentionStats
+from .validation import RotateRows, check_inputs, rotate_row_mask
+
+
+def modality_one_hot(ids: torch.Tensor, num_modalities: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Lk] ids (-1 = padding) -> [B, Lk, M] one-hot; padding rows are all zero."""
+    classes = torch.arange(num_modalities, device=ids.device)
+    return (ids.unsqueeze(-1) == classes).to(dtype)
+
+
+def key_counts(ids: torch.Tensor, num_modalities: int) -> torch.Tensor:
+    """[B, Lk] ids -> live keys per modality, [B, M] int64."""
+    return modality_one_hot(ids, num_modalities, torch.int64).sum(1)
+
+
+def rotate_queries(q: torch.Tensor, rotation: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """q' = q @ rotation[h]^T on the rows selected by `rows` ([B, Lq] bool), q elsewhere."""
+    if rotation is None or rows is None:
+        return q
+    rotated = torch.einsum("bhld,hed->bhle", q, rotation.detach().to(q.dtype))
+    return torch.where(rows[:, None, :, None], rotated, q)
+
+
+def rollingq_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    modality_ids: torch.Tensor,
+    num_modalities: int,
+    rotation: Optional[torch.Tensor] = None,
+    rotate_rows: RotateRows = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    stats: bool = True,
+) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+    """Same signature and semantics as `rollingq.rollingq_attention`, in plain PyTorch.
+
+    Scores and the two matmuls run in the inputs' dtype, the softmax in float32 (float64 for
+    float64 inputs). Statistics are float32, or float64 for float64 inputs.
+    """
+    check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale)
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    ids = modality_ids.expand(B, Lk) if modality_ids.dim() == 1 else modality_ids
+    live = ids >= 0  # [B, Lk]
+    q = rotate_queries(q, rotation, rotate_row_mask(rotate_rows, B, Lq, q.device))
+
+    kh = k.repeat_interleave(group, dim=1)
+    vh = v.repeat_interleave(group, dim=1)
+    scores = (q @ kh.transpose(-1, -2)).to(acc_dtype) * scale  # [B, H, Lq, Lk]
+    visible = live[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)  # exactly 0 on hidden keys
+    denom = weights.sum(-1, keepdim=True)
+    # A row with no live key has denom 0: its weights stay 0, so its output and mass are 0.
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = probs.to(v.dtype) @ vh
+
+    if not stats:
+        return out, None
+    with torch.no_grad():
+        onehot = modality_one_hot(ids, num_modalities, acc_dtype)  # [B, Lk, M]
+        attn_mass = probs.detach() @ onehot[:, None]
+        key_sum = onehot.transpose(1, 2)[:, None] @ k.detach().to(acc_dtype)  # [B, Hkv, M, D]
+        key_count = key_counts(ids, num_modalities)
+    return out, AttentionStats(attn_mass, key_sum, key_count)

@@ -1,0 +1,94 @@
+"""Argument checks shared by the public function, the reference and the module.
+
+Every error names the argument and what was expected; nothing is reshaped or truncated silently.
+"""
+from typing import Optional, Union
+
+import torch
+
+RotateRows = Union[None, int, torch.Tensor]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_MODALITIES = 16
+
+
+def _require(cond: bool, message: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(message)
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    modality_ids: torch.Tensor,
+    num_modalities: int,
+    rotation: Optional[torch.Tensor],
+    rotate_rows: RotateRows,
+    causal: bool,
+    scale: Optional[float],
+    allowed_dtypes=SUPPORTED_DTYPES + (torch.float64,),
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
+        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _require(t.dim() == 4, f"{name} must be 4-D [B, heads, L, D], got shape {tuple(t.shape)}")
+    _require(q.dtype in allowed_dtypes, f"q must have dtype in {allowed_dtypes}, got {q.dtype}", TypeError)
+    _require(k.dtype == q.dtype and v.dtype == q.dtype,
+             f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
+    _require(k.device == q.device and v.device == q.device and modality_ids.device == q.device,
+             f"q, k, v and modality_ids must be on one device, got q {q.device}, k {k.device}, "
+             f"v {v.device}, modality_ids {modality_ids.device}")
+    B, H, Lq, D = q.shape
+    _require(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    _require(Bk == B, f"k must have batch {B} like q, got {Bk}")
+    _require(Dk == D, f"k and v must have head dim {D} like q, got {Dk}")
+    _require(Hkv >= 1 and H % Hkv == 0, f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for GQA")
+    _require(min(B, H, Lq, Lk, D) >= 1, f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+    _require(isinstance(num_modalities, int) and not isinstance(num_modalities, bool)
+             and 1 <= num_modalities <= MAX_MODALITIES,
+             f"num_modalities must be an int in 1..{MAX_MODALITIES}, got {num_modalities!r}")
+    _require(not modality_ids.dtype.is_floating_point and modality_ids.dtype != torch.bool
+             and not modality_ids.is_complex(),
+             f"modality_ids must be an integer tensor, got {modality_ids.dtype}", TypeError)
+    _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
+             and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
+             f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
+    if modality_ids.numel():
+        lo, hi = int(modality_ids.min()), int(modality_ids.max())
+        _require(lo >= -1 and hi < num_modalities,
+                 f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
+
+    if rotation is not None:
+        _require(isinstance(rotation, torch.Tensor), "rotation must be a torch.Tensor or None", TypeError)
+        _require(rotation.shape == (H, D, D), f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
+        _require(rotation.dtype.is_floating_point, f"rotation must be floating point, got {rotation.dtype}", TypeError)
+        _require(rotation.device == q.device, f"rotation must be on {q.device}, got {rotation.device}")
+        _require(bool(torch.isfinite(rotation).all()), "rotation must be finite (it holds NaN or inf)")
+    if rotate_rows is not None:
+        if isinstance(rotate_rows, torch.Tensor):
+            _require(rotate_rows.dtype == torch.bool, f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
+            _require((rotate_rows.dim() == 1 and rotate_rows.shape[0] == Lq)
+                     or (rotate_rows.dim() == 2 and tuple(rotate_rows.shape) == (B, Lq)),
+                     f"rotate_rows must have shape [Lq] = [{Lq}] or [B, Lq] = [{B}, {Lq}], got {tuple(rotate_rows.shape)}")
+            _require(rotate_rows.device == q.device, f"rotate_rows must be on {q.device}, got {rotate_rows.device}")
+        else:
+            _require(isinstance(rotate_rows, int) and not isinstance(rotate_rows, bool),
+                     f"rotate_rows must be None, an int or a bool tensor, got {type(rotate_rows).__name__}", TypeError)
+            _require(0 <= rotate_rows <= Lq, f"rotate_rows as an int must be in 0..Lq = 0..{Lq}, got {rotate_rows}")
+    _require(isinstance(causal, bool), f"causal must be a bool, got {type(causal).__name__}", TypeError)
+    _require(not causal or Lq == Lk, f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
+    if scale is not None:
+        _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and float(scale) == float(scale)
+                 and abs(float(scale)) != float("inf"), f"scale must be a finite number or None, got {scale!r}")
+
+
+def rotate_row_mask(rotate_rows: RotateRows, batch: int, lq: int, device) -> Optional[torch.Tensor]:
+    """Any accepted form of `rotate_rows` -> a [B, Lq] bool mask, or None when no row is rotated."""
+    if rotate_rows is None:
+        return None
+    if isinstance(rotate_rows, torch.Tensor):
+        return rotate_rows.expand(batch, lq) if rotate_rows.dim() == 1 else rotate_rows
+    return (torch.arange(lq, device=device) < rotate_rows).expand(batch, lq)
