@@ -13,7 +13,8 @@ setup(
     package_dir={"rollingq": "rollingq", "rollingq.kernels": "kernels"},
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # Triton 3.6's interpreter (used by the CPU tests) breaks on NumPy 2.4's scalar conversion.
+        "test": ["pytest", "pytest-benchmark", "numpy<2.4"],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
     },

@@ -4,9 +4,24 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import rollingq_attention_reference
+from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
-from .validation import SUPPORTED_DTYPES, RotateRows, check_inputs
+from .validation import SUPPORTED_DTYPES, RotateRows, check_inputs, rotate_row_mask
+
+
+_CPU_BACKENDS = ("auto", "reference", "interpreter")
+_cpu_backend = os.environ.get("ROLLINGQ_CPU_BACKEND", "auto")
+
+
+def set_cpu_backend(backend: str) -> str:
+    """Choose what runs CPU tensors: "reference" (PyTorch), "interpreter" (the Triton kernels
+    through TRITON_INTERPRET=1, slow, for testing them) or "auto" (the interpreter when
+    TRITON_INTERPRET=1 is set, else the reference). Returns the previous setting."""
+    global _cpu_backend
+    if backend not in _CPU_BACKENDS:
+        raise ValueError(f"backend must be one of {_CPU_BACKENDS}, got {backend!r}")
+    previous, _cpu_backend = _cpu_backend, backend
+    return previous
 
 
 def _interpreting() -> bool:
@@ -14,8 +29,14 @@ def _interpreting() -> bool:
 
 
 def uses_kernel(device: torch.device) -> bool:
-    """True where `rollingq_attention` runs the Triton kernels: CUDA, or CPU under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    """True where `rollingq_attention` runs the Triton kernels: CUDA, or CPU under the interpreter."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or _cpu_backend == "reference":
+        return False
+    if _cpu_backend == "interpreter" and not _interpreting():
+        raise RuntimeError("set_cpu_backend('interpreter') needs TRITON_INTERPRET=1 set before Triton is imported")
+    return _interpreting()
 
 
 def rollingq_attention(
@@ -52,7 +73,28 @@ def rollingq_attention(
             key_count [B, M] int64)`, or None when stats=False. A row with no live key gets a zero
             output row and a zero mass row.
     """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
                  allowed_dtypes=SUPPORTED_DTYPES)
-    return rollingq_attention_reference(
-        q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
+    if not uses_kernel(q.device):
+        return rollingq_attention_reference(
+            q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
+
+    from .ops import attention_fwd_op  # imports Triton only when a kernel runs
+
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    ids = modality_ids.to(torch.int32).expand(B, Lk)  # [Lk] -> stride-0 batch view, no copy
+    rows = rotate_row_mask(rotate_rows, B, Lq, q.device) if rotation is not None else None
+    rotate = rows is not None
+    rot_mask = rows.view(torch.uint8) if rotate else None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, _, _, mass, key_sum = attention_fwd_op(
+        q, k, v, ids, num_modalities, rotation.detach().float() if rotate else None, rot_mask,
+        causal, float(D ** -0.5 if scale is None else scale), stats, needs_grad and rotate)
+    if not stats:
+        return out, None
+    return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))

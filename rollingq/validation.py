@@ -1,7 +1,11 @@
 """Argument checks shared by the public function, the reference and the module.
 
 Every error names the argument and what was expected; nothing is reshaped or truncated silently.
+Checks on tensor *values* (ids range, finite rotation) read the data back, which is one host sync
+per call on CUDA; set ROLLINGQ_CHECK_VALUES=0 to skip them. They are skipped while torch.compile
+traces, where data cannot be read.
 """
+import os
 from typing import Optional, Union
 
 import torch
@@ -56,7 +60,8 @@ def check_inputs(
     _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
-    if modality_ids.numel():
+    check_values = os.environ.get("ROLLINGQ_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+    if check_values and modality_ids.numel():
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         _require(lo >= -1 and hi < num_modalities,
                  f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
@@ -66,7 +71,8 @@ def check_inputs(
         _require(rotation.shape == (H, D, D), f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
         _require(rotation.dtype.is_floating_point, f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, f"rotation must be on {q.device}, got {rotation.device}")
-        _require(bool(torch.isfinite(rotation).all()), "rotation must be finite (it holds NaN or inf)")
+        if check_values:
+            _require(bool(torch.isfinite(rotation).all()), "rotation must be finite (it holds NaN or inf)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
             _require(rotate_rows.dtype == torch.bool, f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)

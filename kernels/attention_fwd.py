@@ -1,0 +1,256 @@
+"""Fused forward kernel: query rotation + flash attention + per-modality statistics, one launch.
+
+Each program owns BLOCK_M query rows of one (batch, head). It loads its Q tile once, rotates the
+selected rows by the head's rotation (q' = q @ R^T) while the tile is in registers, then walks the
+key blocks with the online softmax: keep a running row maximum m and row sum l; when a new block
+raises the maximum, rescale everything accumulated so far by 2^(m_old - m_new). The per-modality
+attention mass is one more accumulator of that loop ([BLOCK_M, MP], fed by p @ one_hot(ids)), so it
+is rescaled exactly like the output. Key sums per modality do not depend on the queries, so they are
+split across the programs of a (batch, kv-head) and written as partial sums that the launcher adds.
+
+Head dims up to MAX_SINGLE_D run in one program. Larger heads (the paper's 768) split the output
+over D: each program computes full-D scores by looping over D chunks of (already rotated) Q and K
+and accumulates one BLOCK_DV chunk of the output; only chunk 0 writes the log-sum-exp and the mass.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
+SPLIT_D_CHUNK = 128  # D chunk of the score loop and of the output in the D-split path
+KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
+MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs():
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    out = []
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    d = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV"))
+    # Keep the output accumulator + Q tile + K/V stages inside the register file and 227 KB of smem.
+    kept = [c for c in configs if d <= 64 or c.kwargs["BLOCK_N"] <= 64]
+    if d > 128:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept[-1:]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["Lq", "Lk", "HEAD_D", "CAUSAL", "ROTATE", "STATS", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _rollingq_fwd_kernel(
+    Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_rmb, s_rmm,
+    s_ib, s_in,
+    H, Lq, Lk, M, GROUP, NUM_WORKERS,
+    qk_scale,  # softmax scale * log2(e): the loop works in base 2
+    HEAD_D: tl.constexpr,  # true head dim
+    BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / D chunk of the score loop (split path)
+    BLOCK_DV: tl.constexpr,  # output columns per program
+    NUM_DC: tl.constexpr,  # number of D chunks in the score loop (1 on the single path)
+    MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
+    CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F32: tl.constexpr, KS_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hkv = (h // GROUP).to(tl.int64)
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dt = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    dv_ok = offs_dv < HEAD_D
+    q_base = Q + b * s_qb + h.to(tl.int64) * s_qh
+    k_base = K + b * s_kb + hkv * s_kh
+    v_base = V + b * s_vb + hkv * s_vh
+    ids_base = IDS + b * s_ib
+
+    if not SPLIT:
+        d_ok = offs_d < HEAD_D
+        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if ROTATE:
+            # q' = q @ R^T, with R^T loaded directly as rt[d, e] = R[e, d].
+            r_base = ROT + h.to(tl.int64) * HEAD_D * HEAD_D
+            rt = tl.load(r_base + offs_d[None, :] * HEAD_D + offs_d[:, None],
+                         mask=d_ok[:, None] & d_ok[None, :], other=0.0).to(dt)
+            q_rot = tl.dot(q, rt, input_precision=prec).to(dt)
+            sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
+            q = tl.where(sel[:, None], q_rot, q)
+        if SAVE_QROT:
+            tl.store(QROT + ((b * H + h) * Lq + offs_m[:, None]) * HEAD_D + offs_d[None, :], q,
+                     mask=m_ok[:, None] & d_ok[None, :])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    mass = tl.zeros([BLOCK_M, MP], tl.float32)
+    mod = tl.arange(0, MP)
+
+    hi = Lk
+    if CAUSAL:
+        hi = (pid_m + 1) * BLOCK_M  # Lq == Lk, so only the last query block overshoots; masks cover it
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        ids = tl.load(ids_base + offs_n * s_in, mask=n_ok, other=-1)
+        if SPLIT:
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c in tl.static_range(NUM_DC):
+                offs_c = c * BLOCK_D + offs_d
+                c_ok = offs_c < HEAD_D
+                qc = tl.load(q_base + offs_m[:, None] * s_qm + offs_c[None, :] * s_qd,
+                             mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                kc = tl.load(k_base + offs_n[None, :] * s_kn + offs_c[:, None] * s_kd,
+                             mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                s = tl.dot(qc, kc, s, input_precision=prec)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=prec)
+        live = ids[None, :] >= 0
+        if CAUSAL:
+            live = live & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(live, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no live key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(dt), v, acc * alpha[:, None], input_precision=prec)
+        if STATS:
+            if MASS_F32:
+                onehot = (ids[:, None] == mod[None, :]).to(tl.float32)
+                mass = tl.dot(p, onehot, mass * alpha[:, None], input_precision=prec)
+            else:
+                onehot = (ids[:, None] == mod[None, :]).to(dt)
+                mass = tl.dot(p.to(dt), onehot, mass * alpha[:, None], input_precision=prec)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    if pid_d == 0:
+        # Natural-log LSE of the scaled scores; +inf marks a row with no live key (p = 0 in backward).
+        lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+        if STATS:
+            tl.store(MASS + ((b * H + h) * Lq + offs_m[:, None]) * M + mod[None, :], mass * inv_l[:, None],
+                     mask=m_ok[:, None] & (mod[None, :] < M))
+
+    if STATS:
+        # Key sums: worker w of this (b, kv-head) adds key blocks w, w + W, ... for its D columns.
+        w = pid_m * GROUP + h % GROUP
+        if w < NUM_WORKERS:
+            offs_kn0 = tl.arange(0, KS_N)
+            ks = tl.zeros([MP, BLOCK_DV], tl.float32)
+            for start in range(w * KS_N, Lk, NUM_WORKERS * KS_N):
+                offs_kn = start + offs_kn0
+                kn_ok = offs_kn < Lk
+                kid = tl.load(ids_base + offs_kn * s_in, mask=kn_ok, other=-1)
+                kk = tl.load(k_base + offs_kn[:, None] * s_kn + offs_dv[None, :] * s_kd,
+                             mask=kn_ok[:, None] & dv_ok[None, :], other=0.0)
+                onehot_t = (mod[:, None] == kid[None, :]).to(dt)
+                ks = tl.dot(onehot_t, kk, ks, input_precision="ieee" if IEEE else "tf32")
+            ks_base = KSUM + ((b * (H // GROUP) + hkv) * NUM_WORKERS + w) * MP * HEAD_D
+            tl.store(ks_base + mod[:, None] * HEAD_D + offs_dv[None, :], ks, mask=dv_ok[None, :])
+
+
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot):
+    """Launch the fused forward.
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
+    rotation [H, D, D] contiguous or None; rot_mask uint8 [B, Lq] (stride 0 allowed) or None.
+    Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
+    [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    dev = q.device
+    split = D > MAX_SINGLE_D
+    rotate = rotation is not None and rot_mask is not None
+    if split and rotate:
+        # The split path cannot hold a full rotated Q row per program: rotate once up front.
+        rotated = torch.einsum("bhld,hed->bhle", q, rotation.to(q.dtype))
+        q = torch.where(rot_mask.bool()[:, None, :, None], rotated, q)
+        rotate = False
+    q_rot_out = None
+    if save_qrot:
+        q_rot_out = q if split else _new((B, H, Lq, D), dev, q.dtype)
+
+    out = _new((B, H, Lq, D), dev, v.dtype)
+    lse = _new((B, H, Lq), dev, torch.float32)
+    mp = max(16, _next_pow2(num_modalities))
+    if stats:
+        workers = min(triton.cdiv(Lk, KS_BLOCK), triton.cdiv(Lq, MAX_BLOCK_M) * group)
+        mass = _new((B, H, Lq, num_modalities), dev, torch.float32)
+        ksum_part = _new((B, Hkv, workers, mp, D), dev, torch.float32)
+    else:
+        workers = 0
+        mass = ksum_part = lse  # never touched: STATS is a constexpr False
+    if split:
+        block_d, block_dv, num_dc = SPLIT_D_CHUNK, SPLIT_D_CHUNK, triton.cdiv(D, SPLIT_D_CHUNK)
+    else:
+        block_d = block_dv = max(16, _next_pow2(D))
+        num_dc = 1
+    rot = rotation.to(torch.float32).contiguous() if rotate else lse
+    rm = rot_mask if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    n_dv = triton.cdiv(D, block_dv)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_dv)
+
+    _rollingq_fwd_kernel[grid](
+        q, k, v, out, lse, q_rot_out if (save_qrot and not split) else lse, rot, rm, ids, mass, ksum_part,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
+        H, Lq, Lk, num_modalities, group, workers,
+        scale * 1.4426950408889634,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
+        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and not split),
+        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F32=q.dtype == torch.bfloat16, KS_N=KS_BLOCK,
+    )
+    key_sum = ksum_part.sum(2)[:, :, :num_modalities] if stats else None
+    return out, lse, q_rot_out, (mass if stats else None), key_sum

@@ -1,0 +1,80 @@
+"""The fused kernels as `torch.library` custom ops with fake implementations and autograd.
+
+Registering them as ops (rather than a bare autograd.Function) lets `torch.compile(fullgraph=True)`
+trace models that use them: the compiler sees an opaque op with known output shapes.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+from .kernels.attention_fwd import rollingq_fwd
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("rollingq::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, num_modalities: int,
+    rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], causal: bool, scale: float,
+    stats: bool, save_qrot: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, q_rot, attn_mass, key_sum); the last three are empty when not requested."""
+    out, lse, q_rot, mass, key_sum = rollingq_fwd(
+        q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot)
+    if q_rot is None:
+        q_rot = q.new_empty(_EMPTY)
+    elif q_rot.data_ptr() == q.data_ptr():
+        q_rot = q_rot.clone()  # an op output may not alias an input
+    if mass is None:
+        mass = q.new_empty(_EMPTY, dtype=torch.float32)
+        key_sum = q.new_empty(_EMPTY, dtype=torch.float32)
+    return out, lse, q_rot, mass, key_sum
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot):
+    B, H, Lq, D = q.shape
+    Hkv = k.shape[1]
+    out = q.new_empty((B, H, Lq, D), dtype=v.dtype)
+    lse = q.new_empty((B, H, Lq), dtype=torch.float32)
+    q_rot = q.new_empty((B, H, Lq, D) if save_qrot else _EMPTY)
+    mass = q.new_empty((B, H, Lq, num_modalities) if stats else _EMPTY, dtype=torch.float32)
+    key_sum = q.new_empty((B, Hkv, num_modalities, D) if stats else _EMPTY, dtype=torch.float32)
+    return out, lse, q_rot, mass, key_sum
+
+
+@torch.library.custom_op("rollingq::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    do: torch.Tensor, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
+    rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.attention_bwd import attention_bwd
+
+    mask = None if rot_mask is None else rot_mask.view(torch.bool)
+    return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask)
+
+
+@attention_bwd_op.register_fake
+def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask):
+    return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot = inputs
+    out, lse, q_rot, _, _ = output
+    # Without a saved rotated copy, the queries the forward used are q itself.
+    ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.rotated = save_qrot and rotation is not None and rot_mask is not None
+
+
+def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
+    q_used, k, v, out, lse, ids, rotation, rot_mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(
+        d_out, q_used, k, v, out, lse, ids, ctx.causal, ctx.scale,
+        rotation if ctx.rotated else None, rot_mask if ctx.rotated else None)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,171 @@
+"""Forward kernel parity with the float64 reference (design.md's rule), every branch.
+
+On CPU these run through Triton's interpreter (fp16 and fp32; bf16 tl.dot is broken there), on CUDA
+on the GPU. Every output buffer of the kernel is NaN-poisoned before launch.
+"""
+import pytest
+import torch
+
+import rollingq
+from rollingq.functional import uses_kernel
+from rollingq.kernels import attention_fwd
+from rollingq.reference import rollingq_attention_reference
+from tests.numerics import assert_close_by_rule, stats_tol
+
+pytestmark = pytest.mark.kernel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def nan_alloc(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(attention_fwd, "_new", nan_alloc)
+
+
+def random_rotation(h, d, gen):
+    a = torch.randn(h, d, d, generator=gen, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(a)
+    return (qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).float()
+
+
+def make_case(B, H, Hkv, Lq, Lk, D, M, dtype, seed, ids_mode="batch", pad=0.2, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        if strided:  # a [B, L, H, D] buffer seen as [B, H, L, D]: non-contiguous, as users pass it
+            b, h, l, d = shape
+            return torch.randn(b, l, h, d, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    q, k, v = rnd(B, H, Lq, D), rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, D)
+    shape = (Lk,) if ids_mode == "shared" else (B, Lk)
+    ids = torch.randint(0, M, shape, generator=gen)
+    ids[torch.rand(shape, generator=gen) < pad] = -1
+    rot = random_rotation(H, D, gen).to(DEVICE)
+    return q, k, v, ids.to(DEVICE), rot, gen
+
+
+def check(q, k, v, ids, M, rot, rotate_rows, causal=False, scale=None, stats=True):
+    assert uses_kernel(q.device), "these tests must run the Triton kernel"
+    out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=rotate_rows,
+                                          causal=causal, scale=scale, stats=stats)
+    r64_rot = None if rot is None else rot.double()
+    rr = rotate_rows
+    o64, s64 = rollingq_attention_reference(q.double(), k.double(), v.double(), ids, M, r64_rot, rr, causal, scale)
+    olp, _ = rollingq_attention_reference(q, k, v, ids, M, rot, rr, causal, scale, stats=False)
+    assert out.dtype == v.dtype and out.shape == q.shape
+    assert_close_by_rule("out", out, o64, olp)
+    if not stats:
+        assert st is None
+        return out, None, s64
+    tol = stats_tol(q.dtype)
+    assert st.attn_mass.dtype == torch.float32 and st.key_sum.dtype == torch.float32
+    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= tol
+    assert (st.key_sum.double() - s64.key_sum).abs().max().item() <= tol * max(1.0, s64.key_sum.abs().max().item())
+    assert torch.equal(st.key_count.cpu(), s64.key_count.cpu())
+    return out, st, s64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_parity_core(dtype, causal, gqa):
+    H, Hkv = (4, 2) if gqa else (2, 2)
+    q, k, v, ids, rot, _ = make_case(2, H, Hkv, 37, 37, 24, 3, dtype, seed=hash((str(dtype), causal, gqa)) % 10000)
+    check(q, k, v, ids, 3, rot, rotate_rows=5, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["none", "int", "mask1d", "mask2d", "no_rotation"])
+def test_rotate_rows_forms(dtype, form):
+    B, Lq = 2, 21
+    q, k, v, ids, rot, gen = make_case(B, 2, 1, Lq, 29, 16, 2, dtype, seed=11, ids_mode="shared")
+    rows = {"none": None, "int": 7, "no_rotation": 4,
+            "mask1d": (torch.rand(Lq, generator=gen) < 0.5).to(DEVICE),
+            "mask2d": (torch.rand(B, Lq, generator=gen) < 0.5).to(DEVICE)}[form]
+    check(q, k, v, ids, 2, None if form == "no_rotation" else rot, rows)
+
+
+def test_rotation_changes_the_output():
+    """Guards against a kernel that ignores the rotation: rotated and unrotated outputs must differ."""
+    q, k, v, ids, rot, _ = make_case(1, 2, 2, 16, 16, 16, 2, torch.float32, seed=3, pad=0.0)
+    a, _ = rollingq.rollingq_attention(q, k, v, ids, 2, rotation=rot, rotate_rows=16, stats=False)
+    b, _ = rollingq.rollingq_attention(q, k, v, ids, 2, stats=False)
+    assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stats", [True, False])
+def test_stats_toggle_and_lengths(dtype, stats):
+    # Lq != Lk, lengths that are not multiples of any block size.
+    q, k, v, ids, rot, _ = make_case(2, 3, 1, 19, 45, 40, 4, dtype, seed=5)
+    check(q, k, v, ids, 4, rot, rotate_rows=19, stats=stats, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs(dtype):
+    q, k, v, ids, rot, _ = make_case(2, 4, 2, 23, 23, 16, 2, dtype, seed=8, strided=True)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check(q, k, v, ids, 2, rot, rotate_rows=3, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_live_keys(dtype):
+    B, Lk = 3, 20
+    q, k, v, _, rot, gen = make_case(B, 2, 2, Lk, Lk, 16, 2, dtype, seed=9)
+    ids = torch.randint(0, 2, (B, Lk), generator=gen)
+    ids[1] = -1  # batch 1: every key is padding
+    ids[2, :3] = -1  # batch 2, causal: rows 0..2 see nothing
+    ids = ids.to(DEVICE)
+    for causal in (False, True):
+        out, st, _ = check(q, k, v, ids, 2, rot, rotate_rows=Lk, causal=causal)
+        assert torch.all(out[1] == 0) and torch.all(st.attn_mass[1] == 0)
+        assert torch.all(st.key_sum[1] == 0) and torch.all(st.key_count[1] == 0)
+        if causal:
+            assert torch.all(out[2, :, :3] == 0) and torch.all(st.attn_mass[2, :, :3] == 0)
+    live = st.attn_mass[0].sum(-1)
+    assert torch.allclose(live, torch.ones_like(live), atol=1e-3)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_modality_count_extremes(M):
+    q, k, v, ids, rot, _ = make_case(2, 2, 2, 17, 33, 16, M, torch.float32, seed=M, pad=0.1)
+    check(q, k, v, ids, M, rot, rotate_rows=2)
+
+
+def test_key_sums_ignore_causal_masking():
+    """key_sum covers every live key even where causal masking hides keys from query blocks."""
+    q, k, v, ids, rot, _ = make_case(1, 2, 1, 40, 40, 16, 3, torch.float32, seed=21)
+    _, a = rollingq.rollingq_attention(q, k, v, ids, 3, causal=True)
+    _, b = rollingq.rollingq_attention(q[:, :, :5], k, v, ids, 3, causal=False)
+    torch.testing.assert_close(a.key_sum, b.key_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 40, 64])
+def test_head_dims(head_dim):
+    q, k, v, ids, rot, _ = make_case(1, 2, 2, 18, 18, head_dim, 2, torch.float16, seed=head_dim)
+    check(q, k, v, ids, 2, rot, rotate_rows=18, causal=head_dim == 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_d_split(dtype, causal, monkeypatch):
+    """The split over D that serves heads above MAX_SINGLE_D (the paper's 768), on a small head."""
+    monkeypatch.setattr(attention_fwd, "MAX_SINGLE_D", 16)
+    monkeypatch.setattr(attention_fwd, "SPLIT_D_CHUNK", 16)
+    q, k, v, ids, rot, _ = make_case(2, 2, 1, 21, 21, 40, 3, dtype, seed=31)
+    check(q, k, v, ids, 3, rot, rotate_rows=4, causal=causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
+                                   (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)])
+def test_parity_cuda_large(dtype, shape):
+    B, H, Hkv, Lq, Lk, D, causal = shape
+    q, k, v, ids, rot, _ = make_case(B, H, Hkv, Lq, Lk, D, 3, dtype, seed=D + Lq)
+    check(q, k, v, ids, 3, rot, rotate_rows=Lq, causal=causal)
