@@ -73,9 +73,9 @@ def rollingq_attention(
             key_count [B, M] int64)`, or None when stats=False. A row with no live key gets a zero
             output row and a zero mass row.
     """
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: run in the autocast dtype.
+        dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
                  allowed_dtypes=SUPPORTED_DTYPES)

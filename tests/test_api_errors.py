@@ -1,0 +1,56 @@
+"""Every bad input gets a clear error naming the argument."""
+import pytest
+import torch
+
+import rollingq
+
+
+def base(**over):
+    args = dict(
+        q=torch.randn(2, 4, 6, 8), k=torch.randn(2, 2, 6, 8), v=torch.randn(2, 2, 6, 8),
+        modality_ids=torch.tensor([0, 0, 1, 1, -1, 1]), num_modalities=2,
+        rotation=None, rotate_rows=None, causal=False, scale=None,
+    )
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, words", [
+    (dict(q=torch.randn(4, 6, 8)), ValueError, "q must be 4-D"),
+    (dict(q=torch.randn(2, 4, 6, 8, dtype=torch.float64)), TypeError, "q must have dtype"),
+    (dict(k=torch.randn(2, 2, 6, 8).half()), TypeError, "share one dtype"),
+    (dict(v=torch.randn(2, 2, 5, 8)), ValueError, "same shape"),
+    (dict(k=torch.randn(3, 2, 6, 8), v=torch.randn(3, 2, 6, 8)), ValueError, "batch"),
+    (dict(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError, "multiple of k/v heads"),
+    (dict(k=torch.randn(2, 2, 6, 4), v=torch.randn(2, 2, 6, 4)), ValueError, "head dim"),
+    (dict(modality_ids=torch.tensor([0, 1, 2, 0, 0, 0])), ValueError, "modality_ids must hold values in -1..1"),
+    (dict(modality_ids=torch.tensor([0, 1, -2, 0, 0, 0])), ValueError, "modality_ids must hold values"),
+    (dict(modality_ids=torch.tensor([0, 1, 0])), ValueError, "modality_ids must have shape"),
+    (dict(modality_ids=torch.zeros(3, 6, dtype=torch.long)), ValueError, "modality_ids must have shape"),
+    (dict(modality_ids=torch.zeros(6)), TypeError, "modality_ids must be an integer tensor"),
+    (dict(num_modalities=0), ValueError, "num_modalities"),
+    (dict(num_modalities=17, modality_ids=torch.zeros(6, dtype=torch.long)), ValueError, "num_modalities"),
+    (dict(rotation=torch.randn(4, 8, 7), rotate_rows=1), ValueError, "rotation must have shape"),
+    (dict(rotation=torch.full((4, 8, 8), float("nan")), rotate_rows=1), ValueError, "rotation must be finite"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=7), ValueError, "rotate_rows as an int"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=torch.ones(5, dtype=torch.bool)), ValueError, "rotate_rows must have shape"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=torch.ones(6)), TypeError, "rotate_rows as a tensor must be bool"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=1.5), TypeError, "rotate_rows must be None"),
+    (dict(q=torch.randn(2, 4, 5, 8), causal=True), ValueError, "causal=True requires Lq == Lk"),
+    (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
+    (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_errors(over, exc, words):
+    with pytest.raises(exc, match=words):
+        rollingq.rollingq_attention(**base(**over))
+
+
+def test_valid_input_passes():
+    out, st = rollingq.rollingq_attention(**base(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=2))
+    assert out.shape == (2, 4, 6, 8) and st.attn_mass.shape == (2, 4, 6, 2)
+    assert st.key_sum.shape == (2, 2, 2, 8) and st.key_count.tolist() == [[2, 3], [2, 3]]
+
+
+def test_cpu_backend_setting_is_validated():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rollingq.functional.set_cpu_backend("gpu")
