@@ -74,9 +74,11 @@ def rollingq_attention(
             output row and a zero mass row.
     """
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.is_autocast_enabled(q.device.type):
-        # Like SDPA under autocast: run in the autocast dtype.
+        # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            return rollingq_attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
+                                      rotation, rotate_rows, causal, scale, stats)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
                  allowed_dtypes=SUPPORTED_DTYPES)
     if not uses_kernel(q.device):

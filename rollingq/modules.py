@@ -1,0 +1,170 @@
+"""RollingQAttention: a multi-head attention layer for multimodal fusion with a RollingQ rotation."""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import functional
+from .stats import AttentionStats
+from .validation import MAX_MODALITIES
+
+__all__ = ["RollingQAttention"]
+
+
+class RollingQAttention(nn.Module):
+    """Multi-head self-attention over `[fusion tokens | modality tokens]` (batch_first), with a
+    per-head rotation of the fusion queries (RollingQ, method.md) and per-modality statistics.
+
+    Args:
+        embed_dim: E, the token width; must be divisible by num_heads (head_dim = E / num_heads).
+        num_heads: H query heads.
+        num_modalities: M, 1..15 (the fusion tokens take class M in the kernel's statistics).
+        num_fusion_tokens: nf >= 1, the leading tokens of every sequence (e.g. one CLS token).
+        rotate: "fusion" rotates the queries of the fusion tokens only (the paper), "all" every query.
+        kv_heads: key/value heads (GQA), must divide num_heads; default num_heads.
+        bias: bias in the four projections.
+
+    The rotation buffer `rotation` [H, D, D] float32 starts as the identity, is saved in the
+    state_dict, is not trained (gradients flow through it into q_proj), and keeps float32 when the
+    module is cast to another dtype. A `RollingQ` controller updates it.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_modalities: int, num_fusion_tokens: int = 1,
+                 rotate: str = "fusion", kv_heads: Optional[int] = None, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+
+        def positive_int(name, val, lo=1):
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+
+        positive_int("embed_dim", embed_dim)
+        positive_int("num_heads", num_heads)
+        positive_int("num_fusion_tokens", num_fusion_tokens)
+        kv_heads = num_heads if kv_heads is None else kv_heads
+        positive_int("kv_heads", kv_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % kv_heads:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide num_heads ({num_heads})")
+        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) \
+                or not 1 <= num_modalities <= MAX_MODALITIES - 1:
+            raise ValueError(f"num_modalities must be an int in 1..{MAX_MODALITIES - 1} "
+                             f"(the fusion tokens take one more class), got {num_modalities!r}")
+        if rotate not in ("fusion", "all"):
+            raise ValueError(f"rotate must be 'fusion' or 'all', got {rotate!r}")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.kv_heads = kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.num_modalities = num_modalities
+        self.num_fusion_tokens = num_fusion_tokens
+        self.rotate = rotate
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
+        eye = torch.eye(self.head_dim, dtype=torch.float32, device=device)
+        self.register_buffer("rotation", eye.repeat(num_heads, 1, 1))
+        self.controller = None  # set by RollingQ; a plain attribute (RollingQ is no nn.Module)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the rotation in float32 through .half()/.to(dtype): a low-precision rotation is no
+        # longer orthogonal. Device moves still apply.
+        saved = self.rotation
+        out = super()._apply(fn, *args, **kwargs)
+        if self.rotation.dtype != torch.float32:
+            self.rotation = saved.to(device=self.rotation.device, dtype=torch.float32)
+        return out
+
+    def __getstate__(self):
+        # A pickled or deep-copied layer does not drag its controller (and its logger) along.
+        state = self.__dict__.copy()
+        state["controller"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_heads={self.kv_heads}, "
+                f"num_modalities={self.num_modalities}, num_fusion_tokens={self.num_fusion_tokens}, "
+                f"rotate={self.rotate!r}")
+
+    def _modality_ids(self, modality_ids, key_padding_mask, B: int, L: int, device) -> torch.Tensor:
+        """-> [L] or [B, L] int64 ids over all tokens: fusion tokens = M, padding = -1."""
+        nf, M = self.num_fusion_tokens, self.num_modalities
+        Lm = L - nf
+        if not isinstance(modality_ids, torch.Tensor):
+            raise TypeError(f"modality_ids must be a torch.Tensor, got {type(modality_ids).__name__}")
+        if modality_ids.dtype.is_floating_point or modality_ids.dtype == torch.bool or modality_ids.is_complex():
+            raise TypeError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
+        if not ((modality_ids.dim() == 1 and modality_ids.shape[0] == Lm)
+                or (modality_ids.dim() == 2 and tuple(modality_ids.shape) == (B, Lm))):
+            raise ValueError(f"modality_ids must cover the modality tokens only: shape [L - num_fusion_tokens] = "
+                             f"[{Lm}] or [B, {Lm}], got {tuple(modality_ids.shape)}")
+        ids = modality_ids.to(device=device, dtype=torch.int64)
+        if ids.numel():
+            # Checked here, not only in the kernel's checks: there an id of M would pass silently
+            # as the fusion class. One host sync for both bounds.
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+            if lo < -1 or hi >= M:
+                raise ValueError(f"modality_ids must hold values in 0..{M - 1} (or -1 for padding), "
+                                 f"got range {lo}..{hi}")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+            if tuple(key_padding_mask.shape) != (B, Lm):
+                raise ValueError(f"key_padding_mask must have shape [B, L - num_fusion_tokens] = [{B}, {Lm}], "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            ids = ids.expand(B, Lm).masked_fill(key_padding_mask.to(device), -1)
+        # Shared ids stay [L]: the kernel broadcasts them over the batch without a copy.
+        fusion = torch.full(ids.shape[:-1] + (nf,), M, dtype=ids.dtype, device=device)
+        return torch.cat([fusion, ids], dim=-1)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None,
+                need_stats: bool = False) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+        """
+        Args:
+            x: [B, L, E], the first `num_fusion_tokens` tokens are the fusion tokens.
+            modality_ids: int [L - nf] or [B, L - nf]: modality 0..M-1 of each modality token.
+            key_padding_mask: optional bool [B, L - nf], True = padding (ignored as a key).
+            need_stats: return the statistics even when no controller is collecting.
+
+        Returns:
+            out: [B, L, E].
+            stats: None unless requested (need_stats, or an attached controller collecting); then
+                `AttentionStats` with M + 1 classes, the last (index M) being the fusion tokens:
+                attn_mass [B, H, L, M + 1], key_sum [B, Hkv, M + 1, D], key_count [B, M + 1].
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [B, L, embed_dim = {self.embed_dim}], got {shape}")
+        B, L, _ = x.shape
+        nf = self.num_fusion_tokens
+        if L <= nf:
+            raise ValueError(f"x must hold num_fusion_tokens ({nf}) fusion tokens and at least one modality "
+                             f"token, got L = {L}")
+        ids = self._modality_ids(modality_ids, key_padding_mask, B, L, x.device)
+        H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
+        # [B, L, H, D] -> [B, H, L, D] views: the kernel reads strided inputs, no copies.
+        q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+
+        ctrl = self.controller
+        report = ctrl is not None and bool(ctrl.collecting) \
+            and (self.training or bool(getattr(ctrl, "in_full_pass", False)))
+        want_stats = bool(need_stats) or report
+        out, stats = functional.rollingq_attention(
+            q, k, v, ids, self.num_modalities + 1, rotation=self.rotation,
+            rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+        if report:
+            # float32 even under autocast: the controller averages these over a whole epoch.
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                # Mean over the fusion tokens commutes with the linear rotation.
+                q_mean = q[:, :, :nf].detach().float().mean(2)  # [B, H, D]
+                q_fusion = torch.einsum("bhd,hed->bhe", q_mean, self.rotation.float())
+            ctrl.observe(self, q_fusion, stats)
+        return out, stats

@@ -1,0 +1,230 @@
+"""RollingQAttention against a hand-written computation with the reference attention."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rollingq.functional
+from rollingq import rollingq_attention_reference
+from rollingq.modules import RollingQAttention
+
+
+def random_rotation(H, D, gen):
+    Q, Rr = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(Rr, dim1=-2, dim2=-1))[:, None, :]
+    Q[:, :, 0] *= torch.sign(torch.linalg.det(Q))[:, None]  # det +1
+    return Q.float()
+
+
+def manual_forward(m, x, ids_mod, key_padding_mask=None):
+    """The module's computation written out: projections, rotation of the selected rows by hand,
+    ids with the fusion class M and padding -1, the reference attention, the output projection."""
+    B, L, E = x.shape
+    H, Hkv, D, nf, M = m.num_heads, m.kv_heads, m.head_dim, m.num_fusion_tokens, m.num_modalities
+    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).reshape(B, L, H, D).permute(0, 2, 1, 3)
+    k = F.linear(x, m.k_proj.weight, m.k_proj.bias).reshape(B, L, Hkv, D).permute(0, 2, 1, 3)
+    v = F.linear(x, m.v_proj.weight, m.v_proj.bias).reshape(B, L, Hkv, D).permute(0, 2, 1, 3)
+    rows = nf if m.rotate == "fusion" else L
+    rotated = torch.stack([q[:, h] @ m.rotation[h].T for h in range(H)], dim=1)
+    q = torch.cat([rotated[:, :, :rows], q[:, :, rows:]], dim=2)
+    ids = ids_mod.expand(B, L - nf).clone()
+    if key_padding_mask is not None:
+        ids[key_padding_mask] = -1
+    ids = torch.cat([torch.full((B, nf), M, dtype=ids.dtype), ids], dim=1)
+    out, stats = rollingq_attention_reference(q, k, v, ids, M + 1)
+    out = out.permute(0, 2, 1, 3).reshape(B, L, H * D)
+    q_fusion = rotated[:, :, :nf].mean(2)
+    return F.linear(out, m.out_proj.weight, m.out_proj.bias), stats, q_fusion
+
+
+CASES = [
+    # rotate, H, kv_heads, M, nf, per-sample ids, padding
+    ("fusion", 2, None, 2, 1, False, False),
+    ("all", 2, None, 2, 1, False, False),
+    ("fusion", 4, 2, 3, 2, True, False),
+    ("all", 4, 1, 2, 1, False, True),
+    ("fusion", 2, None, 2, 2, True, True),
+]
+
+
+@pytest.mark.parametrize("rotate,H,kv,M,nf,per_sample,padded", CASES)
+def test_forward_matches_manual_reference(rotate, H, kv, M, nf, per_sample, padded):
+    gen = torch.Generator().manual_seed(H * 100 + M * 10 + nf)
+    torch.manual_seed(H * 100 + M * 10 + nf)
+    D, B, Lm = 8, 3, 7
+    m = RollingQAttention(H * D, H, M, num_fusion_tokens=nf, rotate=rotate, kv_heads=kv)
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(H, D, gen))
+    x = torch.randn(B, nf + Lm, H * D, generator=gen, requires_grad=True)
+    ids = torch.randint(0, M, (B, Lm) if per_sample else (Lm,), generator=gen)
+    kpm = (torch.rand(B, Lm, generator=gen) < 0.3) if padded else None
+    if padded:
+        kpm[0] = True  # a sample whose modality tokens are all padding
+    out, stats = m(x, ids, key_padding_mask=kpm, need_stats=True)
+    ref, ref_stats, _ = manual_forward(m, x, ids, kpm)
+    assert out.shape == (B, nf + Lm, H * D)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for name in ("attn_mass", "key_sum", "key_count"):
+        assert torch.allclose(getattr(stats, name).double(), getattr(ref_stats, name).double(), atol=1e-5), name
+    assert stats.attn_mass.shape == (B, H, nf + Lm, M + 1)
+    assert (stats.key_count[:, M] == nf).all(), "the fusion tokens are the last class"
+    # Gradients flow through the fixed rotation into the projections, and match.
+    g_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * g_out).sum(), [x, m.q_proj.weight, m.k_proj.weight])
+    grads_ref = torch.autograd.grad((ref * g_out).sum(), [x, m.q_proj.weight, m.k_proj.weight])
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert m.rotation.grad is None and not m.rotation.requires_grad
+
+
+def test_rotate_fusion_and_all_differ():
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    a = RollingQAttention(16, 2, 2, rotate="fusion")
+    b = RollingQAttention(16, 2, 2, rotate="all")
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a.rotation.copy_(random_rotation(2, 8, gen))
+        b.rotation.copy_(a.rotation)
+    x = torch.randn(2, 6, 16, generator=gen)
+    ids = torch.tensor([0, 0, 1, 1, 1])
+    oa, ob = a(x, ids)[0], b(x, ids)[0]
+    assert torch.allclose(oa[:, :1], ob[:, :1], atol=1e-6)  # fusion rows rotated in both
+    assert not torch.allclose(oa[:, 1:], ob[:, 1:], atol=1e-3)
+
+
+def test_rotation_buffer_state_dict_and_dtype():
+    gen = torch.Generator().manual_seed(4)
+    m = RollingQAttention(16, 2, 2)
+    assert torch.equal(m.rotation, torch.eye(8).expand(2, 8, 8)) and m.rotation.dtype == torch.float32
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(2, 8, gen))
+    sd = m.state_dict()
+    assert "rotation" in sd and torch.equal(sd["rotation"], m.rotation)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    m2 = RollingQAttention(16, 2, 2)
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(m2.rotation, m.rotation)
+    x = torch.randn(2, 5, 16, generator=gen)
+    ids = torch.tensor([0, 1, 1, 0])
+    assert torch.equal(m(x, ids)[0], m2(x, ids)[0])
+    # Casting the module keeps the rotation in float32 (a bf16 rotation is no longer orthogonal).
+    saved = m.rotation.clone()
+    m.to(torch.bfloat16)
+    assert m.q_proj.weight.dtype == torch.bfloat16
+    assert m.rotation.dtype == torch.float32 and torch.equal(m.rotation, saved)
+    out, _ = m(x.bfloat16(), ids)
+    assert out.dtype == torch.bfloat16
+
+
+class StubController:
+    def __init__(self, collecting):
+        self.collecting = collecting
+        self.calls = []
+
+    def observe(self, layer, q_fusion, stats):
+        self.calls.append((layer, q_fusion, stats))
+
+
+def test_stats_only_when_asked_or_collecting(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    H, D, nf = 2, 8, 2
+    m = RollingQAttention(H * D, H, 2, num_fusion_tokens=nf)
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(H, D, gen))
+    seen = []
+    real = rollingq.functional.rollingq_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((kwargs["stats"], q.stride(), q.data_ptr()))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(rollingq.functional, "rollingq_attention", spy)
+    B, L = 3, 7
+    x = torch.randn(B, L, H * D, generator=gen)
+    ids = torch.tensor([0, 0, 1, 1, 1])
+
+    assert m(x, ids)[1] is None and seen[-1][0] is False
+    assert m(x, ids, need_stats=True)[1] is not None and seen[-1][0] is True
+    # q reaches the kernel as a [B, L, H, D] -> [B, H, L, D] view, not a copy.
+    assert seen[-1][1] == (L * H * D, D, H * D, 1)
+
+    stub = StubController(collecting=False)
+    m.controller = stub
+    assert m(x, ids)[1] is None and seen[-1][0] is False and stub.calls == []
+    stub.collecting = True
+    out, stats = m(x, ids)
+    assert stats is not None and seen[-1][0] is True and len(stub.calls) == 1
+    layer, q_fusion, st = stub.calls[0]
+    assert layer is m and st is stats
+    _, _, q_fusion_ref = manual_forward(m, x, ids)
+    assert q_fusion.shape == (B, H, D) and not q_fusion.requires_grad
+    assert torch.allclose(q_fusion, q_fusion_ref, atol=1e-5)
+    # Eval mode (validation) is not reported, unless inside a controller's full pass.
+    m.eval()
+    assert m(x, ids)[1] is None and len(stub.calls) == 1
+    stub.in_full_pass = True
+    m(x, ids)
+    assert len(stub.calls) == 2
+    # A copy or pickle of the layer does not carry the controller along.
+    assert copy.deepcopy(m).controller is None
+    assert pickle.loads(pickle.dumps(m)).controller is None
+    assert m.controller is stub and "controller" not in dict(m.named_children())
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="embed_dim"):
+        RollingQAttention(10, 3, 2)
+    with pytest.raises(ValueError, match="rotate"):
+        RollingQAttention(16, 2, 2, rotate="keys")
+    with pytest.raises(ValueError, match="kv_heads"):
+        RollingQAttention(24, 3, 2, kv_heads=2)
+    with pytest.raises(ValueError, match="num_modalities"):
+        RollingQAttention(16, 2, 16)
+    with pytest.raises(ValueError, match="num_fusion_tokens"):
+        RollingQAttention(16, 2, 2, num_fusion_tokens=0)
+    m = RollingQAttention(16, 2, 2)
+    x = torch.randn(2, 6, 16)
+    with pytest.raises(ValueError, match="modality_ids"):
+        m(x, torch.zeros(6, dtype=torch.long))  # covers all tokens instead of the modality tokens
+    with pytest.raises(ValueError, match="modality_ids"):
+        m(x, torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="modality_ids"):
+        m(x, torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(TypeError, match="modality_ids"):
+        m(x, torch.zeros(5))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        m(x, torch.zeros(5, dtype=torch.long), key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        m(x, torch.zeros(5, dtype=torch.long), key_padding_mask=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="x must"):
+        m(torch.randn(2, 6, 8), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("rotate,kv", [("fusion", None), ("all", 1)])
+def test_forward_through_kernel_matches_manual_reference(rotate, kv):
+    """The same parity through the Triton kernels (the interpreter on CPU): the strided q/k/v views
+    and the ids the module builds reach the kernel as they are."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    m = RollingQAttention(32, 4, 2, num_fusion_tokens=2, rotate=rotate, kv_heads=kv)
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(4, 8, gen))
+    x = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 2, (7,), generator=gen)
+    kpm = torch.rand(2, 7, generator=gen) < 0.3
+    out, stats = m(x, ids, key_padding_mask=kpm, need_stats=True)
+    ref, ref_stats, _ = manual_forward(m, x, ids, kpm)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for name in ("attn_mass", "key_sum", "key_count"):
+        assert torch.allclose(getattr(stats, name).double(), getattr(ref_stats, name).double(), atol=1e-5), name
+    gx, = torch.autograd.grad(out.sum(), [x])
+    gr, = torch.autograd.grad(ref.sum(), [x])
+    assert torch.allclose(gx, gr, atol=1e-4, rtol=1e-4)
