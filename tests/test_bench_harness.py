@@ -1,0 +1,352 @@
+"""The benchmark harness (bench/) on the CPU: shapes, FLOPs, peers, summary, plot, `pytest bench/`.
+
+Numbers in the FAKE_* records below are made up: they test the formatting and ratio code, they are
+not measurements. The dry run feeds the real measurement code tiny CPU problems (wall-clock timer)
+and relabels its records as a GPU run only to push them through the summary.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import peers  # noqa: E402
+import plot_results  # noqa: E402
+import shapes  # noqa: E402
+import summarize  # noqa: E402
+
+import rollingq  # noqa: E402
+
+
+@pytest.fixture
+def reference_path():
+    """CPU calls of rollingq go to the PyTorch reference: these tests check the harness, not kernels.
+    (TRITON_INTERPRET is left alone: Triton reads it when a kernel module is first imported.)"""
+    from rollingq.functional import set_cpu_backend
+
+    previous = set_cpu_backend("reference")
+    yield
+    set_cpu_backend(previous)
+
+
+# ------------------------------------------------------------------------------------ FLOPs, shapes
+def test_flop_formula():
+    fwd = shapes.attention_flops(2, 3, 5, 7, 8, causal=False, direction="fwd")
+    assert fwd == 4 * 2 * 3 * 5 * 7 * 8
+    assert shapes.attention_flops(2, 3, 5, 7, 8, causal=True, direction="fwd") == fwd / 2
+    assert shapes.attention_flops(2, 3, 5, 7, 8, causal=False, direction="fwdbwd") == 3.5 * fwd
+    assert shapes.attention_flops(2, 3, 5, 7, 8, causal=True, direction="fwdbwd") == 3.5 * fwd / 2
+    s = shapes.BY_NAME["B2_H32_L8192_D128_causal"]
+    assert s.flops("fwd") == 4 * 2 * 32 * 8192 * 8192 * 128 / 2
+    with pytest.raises(ValueError, match="direction"):
+        shapes.attention_flops(1, 1, 1, 1, 8, causal=False, direction="bwd")
+    with pytest.raises(ValueError, match="head_dim"):
+        shapes.attention_flops(1, 1, 1, 1, 0, causal=False, direction="fwd")
+
+
+def test_shape_names_match_their_fields():
+    names = [s.name for s in shapes.GPU_SHAPES]
+    assert names == ["B64_H1_L907_D768", "B64_H12_L907_D64", "B4_H16_L4096_D128", "B4_H16_L8192_D64",
+                     "B2_H32_L8192_D128_causal"]
+    for s in shapes.BY_NAME.values():
+        m = re.fullmatch(r"B(\d+)_H(\d+)_L(\d+)_D(\d+)(_causal)?", s.name)
+        assert m, s.name
+        assert (s.batch, s.heads, s.seq_len, s.head_dim) == tuple(int(g) for g in m.groups()[:4])
+        assert s.causal == bool(m.group(5))
+
+
+def test_modality_layouts():
+    paper = shapes.BY_NAME[shapes.PAPER_LAYER]
+    ids = paper.modality_ids("cpu")
+    assert paper.num_modalities == 3 and ids.shape == (907,)
+    assert ids[0] == 0 and torch.equal(torch.bincount(ids), torch.tensor([1, 513, 393]))
+    assert bool((ids[1:514] == 1).all()) and bool((ids[514:] == 2).all())
+    long = shapes.BY_NAME["B4_H16_L8192_D64"]
+    assert torch.equal(torch.bincount(long.modality_ids("cpu")), torch.tensor([4096, 4096]))
+    with pytest.raises(ValueError, match="segments"):
+        shapes.Shape("bad", 1, 1, 10, 8, (3, 3))
+
+
+def test_random_rotation_is_a_rotation():
+    r = shapes.random_rotation(3, 16, seed=1).double()
+    eye = torch.eye(16, dtype=torch.float64).expand(3, 16, 16)
+    assert torch.allclose(r @ r.transpose(-1, -2), eye, atol=1e-5)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(3, dtype=torch.float64), atol=1e-5)
+    assert not torch.allclose(r, eye, atol=0.1)  # not the identity
+    assert not torch.allclose(r[0], r[1])  # one per head
+
+
+# ------------------------------------------------------------------------------------------- peers
+@pytest.mark.parametrize("causal", [False, True])
+def test_unfused_pipeline_matches_reference(causal):
+    shape = shapes.Shape("t", 2, 4, 24, 16, (5, 11, 8), causal=causal, kv_heads=2)
+    inp = shapes.make_inputs(shape, "cpu", torch.float64, seed=3)
+    rot_t = inp.rotation.double().transpose(-1, -2)
+    onehot_v = peers.one_hot_values(inp.modality_ids, 3, 2, 2, 16, torch.float64)
+    out, mass, key_sum = peers.unfused_attention(inp.q, inp.k, inp.v, rot_t, onehot_v, 3, causal)
+    ref_out, ref = rollingq.rollingq_attention_reference(
+        inp.q, inp.k, inp.v, inp.modality_ids, 3, rotation=inp.rotation.double(), rotate_rows=24, causal=causal)
+    assert torch.allclose(out, ref_out, atol=1e-10)
+    assert torch.allclose(mass.double(), ref.attn_mass, atol=1e-6)
+    assert torch.allclose(key_sum.double(), ref.key_sum, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa_flash_fwd", "flex_fwd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_peer_outputs_match_plain_attention(impl, causal, reference_path):
+    shape = shapes.Shape("t", 1, 2, 32, 16, (16, 16), causal=causal)
+    inp = shapes.make_inputs(shape, "cpu", torch.float32, seed=4)
+    out = peers.build(impl, inp, compile_flex=False)()
+    ref, _ = rollingq.rollingq_attention_reference(inp.q, inp.k, inp.v, inp.modality_ids, 2, causal=causal)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_short_reason_prefers_the_resource_line():
+    exc = RuntimeError("Traceback junk\n  more\ntriton.runtime.errors.OutOfResources: out of resource: shared "
+                       "memory, Required: 524288, Hardware limit: 232448\nmore")
+    assert peers.short_reason(exc).startswith("RuntimeError: triton.runtime.errors.OutOfResources: out of resource")
+    assert peers.short_reason(ValueError("x" * 500), limit=50).endswith("...")
+    assert len(peers.short_reason(ValueError("x" * 500), limit=50)) == 50
+
+
+def test_build_rejects_bad_arguments():
+    inp = shapes.make_inputs(shapes.CPU_SMOKE_SHAPE, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        peers.build("sdpa_magic_fwd", inp)
+    with pytest.raises(ValueError, match="requires_grad"):
+        peers.build("sdpa_flash_fwdbwd", inp)
+
+
+def test_dry_run_every_impl_then_summarize(tmp_path, reference_path):
+    """The real measure_case on a tiny CPU shape for every implementation, then the summary."""
+    shape = shapes.Shape("B1_H2_L32_D16", 1, 2, 32, 16, (16, 16))
+    recs = [peers.measure_case(shape, impl, "cpu", timer=peers.wallclock_ms, dtype=torch.float32,
+                               compile_flex=False) for impl in peers.IMPL_ORDER]
+    status = {r["impl"]: r["status"] for r in recs}
+    for impl in ("rollingq_fwd", "rollingq_fwd_nostats", "rollingq_fwdbwd", "sdpa_flash_fwd",
+                 "sdpa_flash_fwdbwd", "flex_fwd", "unfused_fwd"):
+        assert status[impl] == "ok", (impl, status[impl])
+    for impl in ("sdpa_efficient_fwd", "sdpa_cudnn_fwdbwd"):  # no CPU kernel: declined, not an error
+        assert status[impl].startswith("n/a: "), status[impl]
+    assert status["flex_fwdbwd"].startswith("fails: NotImplementedError"), status["flex_fwdbwd"]
+    for r in recs:
+        assert r["device"] == "cpu" and r["card"] == "cpu"
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and math.isclose(r["tflops"], shape.flops(r["direction"]) / r["ms"] / 1e9)
+        else:
+            assert r["ms"] is None and r["tflops"] is None
+
+    # CPU records are not GPU figures: the summary leaves them out...
+    assert summarize.summarize(recs, commit="x")["records"] == []
+    # ...relabelled (dry run only), they go through the same table code as a GPU run.
+    relabelled = [dict(r, device="cuda", card="DRY-RUN-CPU") for r in recs]
+    res = summarize.summarize(relabelled, commit="x")
+    assert {r["impl"] for r in res["records"]} == set(peers.IMPL_ORDER)
+    report = summarize.format_report(res)
+    assert "| B1_H2_L32_D16 | sdpa_efficient_fwd | n/a: " in report
+    assert re.search(r"^\| B1_H2_L32_D16 \| sdpa_flash_fwd \| [0-9.]+ \| [0-9.]+ \| 1\.00x \(sdpa_flash_fwd\) \|$",
+                     report, flags=re.MULTILINE), report
+
+
+# -------------------------------------------------------------------------------------- summarize
+PAPER = shapes.PAPER_LAYER
+CARD = "FAKE-CARD"
+
+
+def fake(shape, impl, tflops=None, status="ok"):
+    """A made-up attention record (not a measurement); ms follows from the shape's FLOPs."""
+    direction = summarize.direction_of(impl)
+    flops = shapes.BY_NAME[shape].flops(direction)
+    ms = flops / tflops / 1e9 if tflops else None
+    return {"kind": "attention", "shape": shape, "impl": impl, "family": summarize.family_of(impl),
+            "direction": direction, "status": status, "ms": ms, "tflops": tflops, "card": CARD,
+            "device": "cuda", "torch": "FAKE-torch", "triton": "FAKE-triton"}
+
+
+FAKE_RECORDS = [
+    # the paper's layer: flash / cuDNN decline, flex crashes, efficient is the only peer
+    fake(PAPER, "rollingq_fwd", 240.0), fake(PAPER, "rollingq_fwd_nostats", 250.0),
+    fake(PAPER, "sdpa_flash_fwd", status="n/a: Flash attention requires last dimension <= 256"),
+    fake(PAPER, "sdpa_cudnn_fwd", status="n/a: cuDNN declined"),
+    fake(PAPER, "sdpa_efficient_fwd", 120.0),
+    fake(PAPER, "flex_fwd", status="fails: OutOfResources: out of resource: shared memory"),
+    fake(PAPER, "unfused_fwd", 70.0),
+    fake(PAPER, "rollingq_fwdbwd", 70.0), fake(PAPER, "sdpa_efficient_fwdbwd", 40.0),
+    fake(PAPER, "flex_fwdbwd", status="fails: OutOfResources: out of resource: shared memory"),
+    # a second shape: rollingq slower than flex forward, faster than 0.9x flex fwd+bwd
+    fake("B4_H16_L4096_D128", "rollingq_fwd", 400.0), fake("B4_H16_L4096_D128", "rollingq_fwd_nostats", 480.0),
+    fake("B4_H16_L4096_D128", "sdpa_flash_fwd", 340.0), fake("B4_H16_L4096_D128", "sdpa_cudnn_fwd", 600.0),
+    fake("B4_H16_L4096_D128", "flex_fwd", 500.0), fake("B4_H16_L4096_D128", "unfused_fwd", 150.0),
+    fake("B4_H16_L4096_D128", "flex_fwdbwd", 400.0), fake("B4_H16_L4096_D128", "sdpa_flash_fwdbwd", 300.0),
+    fake("B4_H16_L4096_D128", "rollingq_fwdbwd", 380.0),
+]
+FAKE_MEMORY = {"kind": "peak_memory", "shape": "B1_H16_L16384_D128", "dtype": "bfloat16", "card": CARD,
+               "device": "cuda", "torch": "FAKE-torch", "triton": "FAKE-triton",
+               "rollingq_fwdbwd_bytes": 1_100_000_000, "sdpa_flash_fwdbwd_bytes": 1_000_000_000, "ratio": 1.1}
+
+
+def write_fake_report(path, records):
+    """The pytest-benchmark JSON layout, records in extra_info, plus a CPU smoke entry to be ignored."""
+    smoke = {"kind": "cpu_smoke", "shape": "B2_H2_L64_D32", "impl": "rollingq_fwd", "card": "cpu", "device": "cpu"}
+    data = {"datetime": "2026-01-02T03:04:05", "commit_info": {"id": "abc123", "dirty": True},
+            "benchmarks": [{"name": f"t{i}", "extra_info": r} for i, r in enumerate(records + [smoke])]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def targets_by(res):
+    return {(t["target"], t["shape"]): t for t in res["targets"]}
+
+
+def test_summarize_schema_ratios_and_targets(tmp_path, capsys):
+    src = write_fake_report(tmp_path / "bench.json", FAKE_RECORDS + [FAKE_MEMORY])
+    out, table = tmp_path / "results.json", tmp_path / "table.md"
+    assert summarize.main([str(src), "--out", str(out), "--table", str(table)]) == 0
+    res = json.loads(out.read_text())
+    assert {"card", "date", "commit", "torch", "triton", "records", "peak_memory", "targets"} <= set(res)
+    assert (res["card"], res["date"], res["commit"]) == (CARD, "2026-01-02T03:04:05", "abc123-dirty")
+    assert len(res["records"]) == len(FAKE_RECORDS)  # the CPU smoke entry is not a GPU record
+    for r in res["records"]:
+        assert {"shape", "impl", "ms", "tflops", "direction", "status", "ratio_to_best_peer"} <= set(r)
+    rec = {(r["shape"], r["impl"]): r for r in res["records"]}
+    # best forward peer of the long shape is cuDNN (600), of its fwd+bwd flex (400); the paper's layer: efficient
+    assert rec["B4_H16_L4096_D128", "rollingq_fwd"]["best_peer"] == "sdpa_cudnn_fwd"
+    assert math.isclose(rec["B4_H16_L4096_D128", "rollingq_fwd"]["ratio_to_best_peer"], 400 / 600)
+    assert math.isclose(rec["B4_H16_L4096_D128", "unfused_fwd"]["ratio_to_best_peer"], 150 / 600)
+    assert math.isclose(rec["B4_H16_L4096_D128", "rollingq_fwdbwd"]["ratio_to_best_peer"], 380 / 400)
+    assert math.isclose(rec[PAPER, "rollingq_fwd"]["ratio_to_best_peer"], 2.0)
+    assert math.isclose(rec[PAPER, "rollingq_fwdbwd"]["ratio_to_best_peer"], 70 / 40)
+    assert rec[PAPER, "flex_fwd"]["ratio_to_best_peer"] is None and rec[PAPER, "flex_fwd"]["ms"] is None
+    assert math.isclose(res["peak_memory"]["ratio"], 1.1)
+
+    t = targets_by(res)
+    assert t["fwd >= 1.0x flex_fwd", PAPER]["result"] == "N/A"
+    assert t["fwd >= 1.0x flex_fwd", "B4_H16_L4096_D128"]["result"] == "FAIL"  # 400 < 500
+    assert math.isclose(t["fwd >= 1.0x flex_fwd", "B4_H16_L4096_D128"]["value"], 0.8)
+    assert t["fwd >= 3x unfused_fwd", PAPER]["result"] == "PASS"  # 240 / 70 = 3.43
+    assert t["fwd >= 3x unfused_fwd", "B4_H16_L4096_D128"]["result"] == "FAIL"  # 2.67
+    assert t["fwd+bwd >= 0.9x flex_fwdbwd", "B4_H16_L4096_D128"]["result"] == "PASS"  # 0.95
+    assert t["fwd+bwd >= 0.9x flex_fwdbwd", PAPER]["result"] == "N/A"  # flex_fwdbwd failed
+    assert t["paper layer fwd >= 1.5x sdpa_efficient_fwd", PAPER]["result"] == "PASS"  # 2.0
+    assert t["paper layer fwd+bwd >= 2x sdpa_efficient_fwdbwd", PAPER]["result"] == "FAIL"  # 1.75
+    assert ("paper layer fwd >= 1.5x sdpa_efficient_fwd", "B4_H16_L4096_D128") not in t
+    overhead = "rotation+stats time <= 1.1x rollingq_fwd_nostats"
+    assert t[overhead, PAPER]["result"] == "PASS"  # 250 / 240 = 1.04
+    assert t[overhead, "B4_H16_L4096_D128"]["result"] == "FAIL"  # 480 / 400 = 1.2
+    assert math.isclose(t[overhead, "B4_H16_L4096_D128"]["value"], 1.2)
+    mem = [x for x in res["targets"] if x["target"].startswith("peak memory")]
+    assert len(mem) == 1 and mem[0]["result"] == "PASS"  # 1.1 exactly is within 1.1x
+
+    printed = capsys.readouterr().out
+    assert printed == table.read_text()
+    lines = printed.splitlines()
+    assert lines[0].startswith(f"rollingq bench: {CARD}")
+    row = next(ln for ln in lines if ln.startswith("| B4_H16_L4096_D128 | rollingq_fwd |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "400.0" and cells[4] == "0.67x (sdpa_cudnn_fwd)"
+    assert math.isclose(float(cells[2]), rec["B4_H16_L4096_D128", "rollingq_fwd"]["ms"], rel_tol=1e-3)
+    assert any(ln.startswith("| B64_H1_L907_D768 | flex_fwd | fails: OutOfResources") for ln in lines)
+    # the target lines come last, after the table
+    first_target = next(i for i, ln in enumerate(lines) if re.match(r"(PASS|FAIL|N/A|MISSING) ", ln))
+    assert all(re.match(r"(PASS|FAIL|N/A|MISSING) ", ln) for ln in lines[first_target:])
+    assert max(i for i, ln in enumerate(lines) if ln.startswith("|")) < first_target
+
+
+def test_summarize_missing_rollingq_and_memory():
+    recs = [r for r in FAKE_RECORDS if r["impl"] != "rollingq_fwdbwd"]
+    recs.append(fake(PAPER, "rollingq_fwdbwd", status="fails: should never be recorded for rollingq"))
+    res = summarize.summarize(recs, commit="c")
+    t = targets_by(res)
+    assert t["fwd+bwd >= 0.9x flex_fwdbwd", "B4_H16_L4096_D128"]["result"] == "MISSING"
+    assert t["paper layer fwd+bwd >= 2x sdpa_efficient_fwdbwd", PAPER]["result"] == "MISSING"
+    assert res["peak_memory"] is None
+    unrun = summarize.summarize([r for r in FAKE_RECORDS if r["impl"] != "unfused_fwd"], commit="c")
+    assert targets_by(unrun)["fwd >= 3x unfused_fwd", PAPER]["result"] == "MISSING"  # a cut-short run
+    assert [x["result"] for x in res["targets"] if x["target"].startswith("peak memory")] == ["MISSING"]
+    over = dict(FAKE_MEMORY, rollingq_fwdbwd_bytes=1_200_000_000, ratio=1.2)
+    res = summarize.summarize(FAKE_RECORDS + [over], commit="c")
+    assert [x["result"] for x in res["targets"] if x["target"].startswith("peak memory")] == ["FAIL"]
+
+
+def test_summarize_reads_jsonl_and_rejects_bad_input(tmp_path, capsys):
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in FAKE_RECORDS[:3]))
+    out = tmp_path / "r.json"
+    assert summarize.main([str(jsonl), "--out", str(out), "--commit", "deadbeef"]) == 0
+    res = json.loads(out.read_text())
+    assert res["commit"] == "deadbeef" and len(res["records"]) == 3
+    capsys.readouterr()
+
+    mixed = [FAKE_RECORDS[0], dict(FAKE_RECORDS[1], card="OTHER-FAKE-CARD")]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    assert summarize.main([str(jsonl)]) == 2
+    assert "several cards" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"no": "benchmarks"}')
+    assert summarize.main([str(bad)]) == 2
+    assert "'benchmarks' list" in capsys.readouterr().err
+    assert summarize.main([str(tmp_path / "absent.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_summary_constants_agree_with_the_bench():
+    assert summarize.PEER_FAMILIES == peers.PEER_FAMILIES
+    assert summarize.PAPER_LAYER == shapes.PAPER_LAYER
+    for impl in peers.IMPL_ORDER:
+        assert summarize.family_of(impl) == peers.IMPLS[impl].family
+        assert summarize.direction_of(impl) == peers.IMPLS[impl].direction
+    named = {t[2] for t in summarize.TARGETS} | {t[3] for t in summarize.TARGETS} | set(summarize.MEMORY_PAIR)
+    assert named <= set(peers.IMPL_ORDER)
+
+
+# ------------------------------------------------------------------------------------------- plot
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = summarize.summarize(FAKE_RECORDS + [FAKE_MEMORY], commit="c")
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    png = tmp_path / "sub" / "plot.png"
+    assert plot_results.main([str(tmp_path / "results.json"), "--out", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_without_matplotlib_or_records(tmp_path, monkeypatch, capsys):
+    res = summarize.summarize(FAKE_RECORDS, commit="c")
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert plot_results.main([str(tmp_path / "results.json"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+    (tmp_path / "empty.json").write_text(json.dumps(dict(res, records=[])))
+    assert plot_results.main([str(tmp_path / "empty.json")]) == 2
+    assert "no GPU records" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- pytest bench/
+def test_pytest_bench_passes_on_cpu(tmp_path):
+    """`pytest bench/` on a machine without CUDA: the smoke case runs, every GPU case skips."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # even on a GPU box: the full run is gpu_check.sh's
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("ROLLINGQ_BENCH_JSONL", None)
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"--benchmark-json={report}", "--benchmark-storage", str(tmp_path / ".benchmarks")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n_gpu = len(shapes.GPU_SHAPES) * len(peers.IMPL_ORDER) + 1
+    assert re.search(rf"\b1 passed, {n_gpu} skipped\b", proc.stdout), proc.stdout[-2000:]
+    assert "CUDA not available" in proc.stdout
+    kinds = [b["extra_info"].get("kind") for b in json.loads(report.read_text())["benchmarks"]]
+    assert kinds == ["cpu_smoke"]
