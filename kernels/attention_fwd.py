@@ -29,13 +29,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _configs():
-    if _interpreting():
+GPU_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+
+
+def _configs(interpret=None):
+    if _interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in GPU_CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -92,6 +93,7 @@ def _rollingq_fwd_kernel(
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
 
+    q = q_base  # placeholder: the split path reloads Q chunks in the loop
     if not SPLIT:
         d_ok = offs_d < HEAD_D
         q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
@@ -254,3 +256,37 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     )
     key_sum = ksum_part.sum(2)[:, :, :num_modalities] if stats else None
     return out, lse, q_rot_out, (mass if stats else None), key_sum
+
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, torch.bfloat16, torch.float32)):
+    """Every (variant, autotune config) the forward can launch on a GPU, for ahead-of-time compiles.
+
+    Yields (name, JITFunction, signature, constexprs, num_warps, num_stages); statistics, rotation
+    and the rotated-Q save all on, the heaviest variant for registers and shared memory.
+    """
+    fn = _rollingq_fwd_kernel.fn
+    for d in head_dims:
+        for dtype in dtypes:
+            t = _TL[dtype]
+            split = d > MAX_SINGLE_D
+            block_d = SPLIT_D_CHUNK if split else max(16, _next_pow2(d))
+            const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_d, NUM_DC=triton.cdiv(d, block_d) if split else 1,
+                         MP=16, CAUSAL=True, ROTATE=not split, STATS=True, SAVE_QROT=not split, SPLIT=split,
+                         IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK)
+            sig = {}
+            for name in fn.arg_names:
+                if name in const or name in ("BLOCK_M", "BLOCK_N"):
+                    sig[name] = "constexpr"
+                elif name in ("Q", "K", "V", "O", "QROT"):
+                    sig[name] = "*" + t
+                elif name in ("LSE", "ROT", "MASS", "KSUM"):
+                    sig[name] = "*fp32"
+                else:
+                    sig[name] = {"ROWMASK": "*u8", "IDS": "*i32", "qk_scale": "fp32"}.get(name, "i32")
+            for cfg in _prune(_configs(interpret=False), {}, BLOCK_DV=block_d):
+                c = dict(const, **cfg.kwargs)
+                name = f"fwd D{d} {t} BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                yield name, fn, sig, c, cfg.num_warps, cfg.num_stages

@@ -6,7 +6,7 @@ from torch import nn
 
 from . import functional
 from .stats import AttentionStats
-from .validation import MAX_MODALITIES
+from .validation import MAX_MODALITIES, value_checks_enabled
 
 __all__ = ["RollingQAttention"]
 
@@ -103,7 +103,7 @@ class RollingQAttention(nn.Module):
             raise ValueError(f"modality_ids must cover the modality tokens only: shape [L - num_fusion_tokens] = "
                              f"[{Lm}] or [B, {Lm}], got {tuple(modality_ids.shape)}")
         ids = modality_ids.to(device=device, dtype=torch.int64)
-        if ids.numel():
+        if ids.numel() and value_checks_enabled():
             # Checked here, not only in the kernel's checks: there an id of M would pass silently
             # as the fusion class. One host sync for both bounds.
             lo, hi = torch.stack(torch.aminmax(ids)).tolist()

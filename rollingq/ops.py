@@ -62,7 +62,8 @@ def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot = inputs
-    out, lse, q_rot, _, _ = output
+    out, lse, q_rot, mass, key_sum = output
+    ctx.mark_non_differentiable(lse, q_rot, mass, key_sum)
     # Without a saved rotated copy, the queries the forward used are q itself.
     ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask)
     ctx.causal, ctx.scale = causal, scale

@@ -16,6 +16,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_MODALITIES = 16
 
 
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor values back (a host sync on CUDA) run; see the module doc."""
+    return os.environ.get("ROLLINGQ_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+
+
 def _require(cond: bool, message: str, exc=ValueError) -> None:
     if not cond:
         raise exc(message)
@@ -60,7 +65,7 @@ def check_inputs(
     _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
-    check_values = os.environ.get("ROLLINGQ_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+    check_values = value_checks_enabled()
     if check_values and modality_ids.numel():
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         _require(lo >= -1 and hi < num_modalities,

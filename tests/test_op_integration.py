@@ -1,0 +1,120 @@
+"""The kernels as a PyTorch op: autograd through the public function, torch.compile, autocast, and a
+few training steps of the attention module on the kernel path against the reference path."""
+import pytest
+import torch
+
+import rollingq
+from rollingq.functional import set_cpu_backend, uses_kernel
+from rollingq.reference import rollingq_attention_reference
+from tests.numerics import assert_close_by_rule
+
+pytestmark = pytest.mark.kernel
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(dtype, gen, B=2, H=4, Hkv=2, L=19, D=16):
+    q = torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_public_function_gradients(dtype):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = inputs(dtype, gen)
+    ids = torch.tensor([0, 1, -1, 2] * 4 + [1, 0, 2]).to(DEVICE)
+    rot = torch.linalg.qr(torch.randn(4, 16, 16, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    assert uses_kernel(q.device)
+    out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=rot, rotate_rows=4, causal=True)
+    grad = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+
+    def ref(qq, kk, vv, r):
+        o, _ = rollingq_attention_reference(qq, kk, vv, ids, 3, r, 4, causal=True, stats=False)
+        return torch.autograd.grad(o, (qq, kk, vv), grad.to(o.dtype))
+
+    g64 = ref(*(t.detach().double().requires_grad_() for t in (q, k, v)), rot.double())
+    glp = ref(*(t.detach().clone().requires_grad_() for t in (q, k, v)), rot)
+    for name, got, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, glp):
+        assert_close_by_rule(name, got, r64, rlp)
+
+
+def test_statistics_are_not_differentiable():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = inputs(torch.float32, gen, L=8)
+    _, st = rollingq.rollingq_attention(q, k, v, torch.zeros(8, dtype=torch.long, device=DEVICE), 1)
+    assert not st.attn_mass.requires_grad and not st.key_sum.requires_grad
+
+
+def test_torch_compile_fullgraph_module():
+    """A model using RollingQAttention traces with fullgraph=True (no graph break), forward and
+    backward, and matches eager. aot_eager checks the tracing, fake shapes and op autograd without
+    paying for Inductor's C++ build on CPU."""
+    torch.manual_seed(0)
+    layer = rollingq.RollingQAttention(32, 4, 2, num_fusion_tokens=1, kv_heads=2).to(DEVICE)
+    x = torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, -1], device=DEVICE)
+
+    def f(x):
+        out, st = layer(x, ids, need_stats=True)
+        return out, st.attn_mass
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c, mass_c = compiled(x)
+    out_e, mass_e = f(x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(mass_c, mass_e)
+    (gc,) = torch.autograd.grad(out_c.sum(), x)
+    (ge,) = torch.autograd.grad(out_e.sum(), x)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = inputs(torch.float32, gen, L=12)
+    ids = torch.randint(0, 2, (12,), generator=gen).to(DEVICE)
+    dtype = torch.float16
+    with torch.autocast(DEVICE, dtype=dtype):
+        out, st = rollingq.rollingq_attention(q, k, v, ids, 2)
+    assert out.dtype == dtype
+    assert st.attn_mass.dtype == torch.float32 and st.key_sum.dtype == torch.float32
+    ref, _ = rollingq.rollingq_attention(q.to(dtype), k.to(dtype), v.to(dtype), ids, 2)
+    torch.testing.assert_close(out, ref)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_training_steps_match_reference_path():
+    """Same module, same data, same optimiser: the loss curve on the kernel path follows the reference."""
+    def run(backend):
+        torch.manual_seed(1)
+        layer = rollingq.RollingQAttention(32, 2, 2, num_fusion_tokens=1).to(DEVICE)
+        with torch.no_grad():  # a non-trivial rotation of the fusion query
+            layer.rotation.copy_(torch.linalg.qr(torch.randn(2, 16, 16))[0])
+        head = torch.nn.Linear(32, 3).to(DEVICE)
+        opt = torch.optim.SGD(list(layer.parameters()) + list(head.parameters()), lr=0.5)
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn(8, 11, 32, generator=gen).to(DEVICE)
+        y = torch.randint(0, 3, (8,), generator=gen).to(DEVICE)
+        ids = torch.tensor([0] * 5 + [1] * 5, device=DEVICE)
+        previous = set_cpu_backend(backend)
+        try:
+            losses = []
+            for _ in range(4):
+                out, _ = layer(x, ids)
+                loss = torch.nn.functional.cross_entropy(head(out[:, 0]), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        finally:
+            set_cpu_backend(previous)
+        return losses
+
+    kernel = run("auto")
+    reference = run("reference") if DEVICE == "cpu" else kernel
+    assert kernel[-1] < kernel[0]
+    if DEVICE == "cpu":
+        assert max(abs(a - b) for a, b in zip(kernel, reference)) < 1e-4, (kernel, reference)
