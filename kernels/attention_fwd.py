@@ -23,6 +23,7 @@ MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reac
 SPLIT_D_CHUNK = 128  # D chunk of the score loop and of the output in the D-split path
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
+ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
 
 
 def _interpreting() -> bool:
@@ -71,7 +72,7 @@ def _rollingq_fwd_kernel(
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F32: tl.constexpr, KS_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -96,16 +97,27 @@ def _rollingq_fwd_kernel(
     q = q_base  # placeholder: the split path reloads Q chunks in the loop
     if not SPLIT:
         d_ok = offs_d < HEAD_D
-        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if ROTATE:
-            # q' = q @ R^T, with R^T loaded directly as rt[d, e] = R[e, d].
+            # q' = q @ R^T, summed over RC-wide slices of D so that only an [RC, D] slice of R^T
+            # (loaded directly as rt[d, e] = R[e, d]) is live at a time: a whole [D, D] tile spills.
             r_base = ROT + h.to(tl.int64) * HEAD_D * HEAD_D
-            rt = tl.load(r_base + offs_d[None, :] * HEAD_D + offs_d[:, None],
-                         mask=d_ok[:, None] & d_ok[None, :], other=0.0).to(dt)
-            q_rot = tl.dot(q, rt, input_precision=prec).to(dt)
+            offs_r = tl.arange(0, RC)
+            q_rot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for c in range(0, HEAD_D, RC):
+                r_ok = (c + offs_r) < HEAD_D
+                qc = tl.load(q_base + offs_m[:, None] * s_qm + (c + offs_r)[None, :] * s_qd,
+                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                rt = tl.load(r_base + offs_d[None, :] * HEAD_D + (c + offs_r)[:, None],
+                             mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(dt)
+                q_rot = tl.dot(qc, rt, q_rot, input_precision=prec)
+            # The full Q tile is loaded only now, so it is not live during the rotation loop.
+            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
-            q = tl.where(sel[:, None], q_rot, q)
+            q = tl.where(sel[:, None], q_rot.to(dt), q)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if SAVE_QROT:
             tl.store(QROT + ((b * H + h) * Lq + offs_m[:, None]) * HEAD_D + offs_d[None, :], q,
                      mask=m_ok[:, None] & d_ok[None, :])
@@ -213,14 +225,15 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     dev = q.device
     split = D > MAX_SINGLE_D
     rotate = rotation is not None and rot_mask is not None
-    if split and rotate:
-        # The split path cannot hold a full rotated Q row per program: rotate once up front.
+    if rotate and (split or q.dtype == torch.float32):
+        # The split path cannot hold a full rotated Q row per program, and fp32's exact (non-tensor-
+        # core) dot spills registers when it rotates in-kernel: both rotate once up front.
         rotated = torch.einsum("bhld,hed->bhle", q, rotation.to(q.dtype))
         q = torch.where(rot_mask.bool()[:, None, :, None], rotated, q)
         rotate = False
     q_rot_out = None
     if save_qrot:
-        q_rot_out = q if split else _new((B, H, Lq, D), dev, q.dtype)
+        q_rot_out = q if not rotate else _new((B, H, Lq, D), dev, q.dtype)
 
     out = _new((B, H, Lq, D), dev, v.dtype)
     lse = _new((B, H, Lq), dev, torch.float32)
@@ -245,14 +258,14 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_dv)
 
     _rollingq_fwd_kernel[grid](
-        q, k, v, out, lse, q_rot_out if (save_qrot and not split) else lse, rot, rm, ids, mass, ksum_part,
+        q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
         H, Lq, Lk, num_modalities, group, workers,
         scale * 1.4426950408889634,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
-        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and not split),
-        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F32=q.dtype == torch.bfloat16, KS_N=KS_BLOCK,
+        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
+        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F32=q.dtype == torch.bfloat16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
     )
     key_sum = ksum_part.sum(2)[:, :, :num_modalities] if stats else None
     return out, lse, q_rot_out, (mass if stats else None), key_sum
@@ -272,10 +285,12 @@ def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, t
         for dtype in dtypes:
             t = _TL[dtype]
             split = d > MAX_SINGLE_D
+            in_kernel_rot = not split and dtype != torch.float32
             block_d = SPLIT_D_CHUNK if split else max(16, _next_pow2(d))
             const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_d, NUM_DC=triton.cdiv(d, block_d) if split else 1,
-                         MP=16, CAUSAL=True, ROTATE=not split, STATS=True, SAVE_QROT=not split, SPLIT=split,
-                         IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK)
+                         MP=16, CAUSAL=True, ROTATE=in_kernel_rot, STATS=True, SAVE_QROT=in_kernel_rot, SPLIT=split,
+                         IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK,
+                         RC=ROT_CHUNK)
             sig = {}
             for name in fn.arg_names:
                 if name in const or name in ("BLOCK_M", "BLOCK_N"):
