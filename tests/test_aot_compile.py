@@ -1,0 +1,32 @@
+"""Ahead-of-time compiles of every kernel variant and autotune config for Hopper (sm_90) and Ampere
+(sm_80), on the CPU: the interpreter cannot catch what only the GPU compiler rejects (compile errors,
+shared memory over the card's limit, register spills)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("arch, dtypes", [("90", "fp16,bf16,fp32"), ("80", "bf16")])
+def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
+    out = tmp_path / "reports.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "inspect_kernels.py"), "--arch", arch,
+         "--dtypes", dtypes, "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    reports = json.loads(out.read_text()) if out.exists() else []
+    assert reports, f"no reports:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    names = {r["name"].split()[0] for r in reports}
+    assert {"fwd", "bwd"} <= names, names
+    bad = [r for r in reports if r["error"] or r.get("over_shared") or r.get("spill_bytes", 0) > 0]
+    assert not bad, "\n".join(f"{r['name']} sm_{r['arch']}: error={r['error']} shared={r.get('shared')} "
+                              f"spills={r.get('spill_bytes')}" for r in bad)
+    if arch == "90":  # Hopper builds must use wgmma, or the kernels leave the tensor cores idle
+        fwd16 = [r for r in reports if r["name"].startswith("fwd") and " bf16 " in r["name"]]
+        assert all(r["hgmma"] > 0 for r in fwd16)
+    assert proc.returncode == 0
