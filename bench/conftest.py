@@ -17,6 +17,9 @@ if str(BENCH_DIR) not in sys.path:  # shapes.py / peers.py import each other by 
     sys.path.insert(0, str(BENCH_DIR))
 
 JSONL_ENV = "ROLLINGQ_BENCH_JSONL"
+# Time the kernels, not the argument checks' host sync (peers validate nothing either); that sync is
+# a separate, documented cost a user can switch off the same way.
+os.environ.setdefault("ROLLINGQ_CHECK_VALUES", "0")
 
 
 def pytest_report_header(config):
