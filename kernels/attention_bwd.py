@@ -1,0 +1,575 @@
+"""Fused backward kernels (FlashAttention-2 style) through the query rotation.
+
+The forward computed, per (batch b, head h), with q' the rotated queries it saved:
+    s_ij = scale * q'_i . k_j   on live (ids >= 0) and visible (causal: j <= i) keys,
+    p_ij = exp(s_ij - lse_i),   out_i = sum_j p_ij v_j.
+The backward never materialises p. Three launches:
+  1. `_bwd_preprocess`: delta_i = sum_d do_id * out_id (fp32), the row term of the softmax gradient.
+  2. `_bwd_dkdv`: one program per (b, kv head, key block, D chunk). It keeps its K/V tile and the
+     dK/dV accumulators on chip, walks the query heads of its GQA group and the query blocks that can
+     see the key block, recomputes p from q', k and lse, and accumulates
+         dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dk += scale * ds^T q'.
+     Summing the group inside the program needs no atomics, so results are deterministic.
+  3. `_bwd_dq`: one program per (b, head, query block, D chunk); walks the key blocks and accumulates
+     dq' += scale * ds k; the epilogue applies the chain rule of q' = q R^T on the rotated rows,
+     dq = dq' R, once per Q tile.
+
+Numerics: fp32 accumulators everywhere; fp32 inputs use IEEE dots (no tf32); fp16/bf16 inputs cast
+p and ds to the input type before their dots, as FlashAttention does. bf16 differs from fp16 only
+in the element type (`Q.dtype.element_ty`), so the interpreter's fp16 tests cover its code path.
+
+Head dims: each kernel holds its resident tiles (K/V for dK/dV, Q/dO for dQ) across its loop while
+D <= DKDV_MAX_RESIDENT_D / DQ_MAX_RESIDENT_D (D padded to a power of two under masks). Beyond that
+the kernel takes the split path: the full-D reductions q'.k and do.v loop over SPLIT_D_CHUNK-wide
+chunks reloaded every step, and each program owns a SPLIT_DKDV_CHUNK / SPLIT_DQ_CHUNK-wide slice of
+its outputs (a grid dimension over D chunks). When one dq slice covers the whole head (e.g. D = 256)
+the rotation epilogue stays in the kernel; otherwise (the paper's D = 768) no program holds a full
+dq' row, so the epilogue runs afterwards in torch as one batched matmul in q's dtype
+(dq = where(rotated, dq' @ R[h], dq')), the arithmetic autograd does for `q @ R^T` in that dtype.
+Chunk sizes and thresholds come from ptxas register/spill reports for sm_90a (see the config tables).
+"""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
+DQ_MAX_RESIDENT_D = 128  # dQ: larger heads take the split path (tests lower it)
+SPLIT_D_CHUNK = 64  # D chunk of the full-D reductions (q'.k, do.v) on the split path
+SPLIT_DKDV_CHUNK = 128  # dk/dv columns owned by one program on the split path
+SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path
+ROT_CHUNK = 64  # R columns per step of the in-kernel dq rotation epilogue (bounds its shared memory)
+PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
+PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (bounds its registers)
+
+_LOG2E = 1.4426950408889634
+_empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class. dK/dV: BLOCK_N keys owned, BLOCK_M queries
+# per step; dQ: BLOCK_M queries owned, BLOCK_N keys per step. Chosen from ptxas -v on sm_90a (fp16,
+# causal, rotation on): the spill-free ones where any exist, else the least spilling; "ieee" (fp32
+# inputs: FMA dots, no tensor cores) keeps small tiles. The autotuner sees the union and the pruner
+# keeps the class's list.
+_DKDV_TABLE = {
+    64: [(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+    128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+    256: [(16, 64, 8, 2), (32, 64, 8, 2)],
+    "split": [(32, 64, 8, 2), (64, 64, 8, 2)],
+    "ieee": [(16, 32, 4, 2), (32, 32, 8, 2)],
+}
+_DQ_TABLE = {
+    64: [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
+    128: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    256: [(64, 32, 8, 2), (32, 32, 8, 2)],  # only if DQ_MAX_RESIDENT_D is raised (these spill ~1 KB)
+    "split": [(64, 32, 8, 2), (128, 32, 8, 2)],
+    "ieee": [(32, 16, 4, 2), (32, 32, 8, 2)],
+}
+# Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
+# exercised with unaligned tiles.
+_INTERPRET_DKDV = (16, 32, 4, 1)
+_INTERPRET_DQ = (32, 16, 4, 1)
+
+
+def _d_class(split: bool, width: int, ieee: bool):
+    if ieee:
+        return "ieee"
+    if split:
+        return "split"
+    return 64 if width <= 64 else 128 if width <= 128 else 256
+
+
+def _union(table) -> list:
+    rows = []
+    for lst in table.values():
+        rows += [r for r in lst if r not in rows]
+    return rows
+
+
+def _to_configs(rows) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
+        width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        keep = table[_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        return kept or configs[-1:]
+    return prune
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    s_ob, s_oh, s_om, s_od,
+    s_db, s_dh, s_dm, s_dd,
+    H, Lq,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Lq
+    o_base = O + b * s_ob + h * s_oh
+    do_base = DO + b * s_db + h * s_dh
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for c in tl.static_range(NUM_DC):
+        offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        msk = m_ok[:, None] & (offs_d[None, :] < HEAD_D)
+        o = tl.load(o_base + offs_m[:, None] * s_om + offs_d[None, :] * s_od, mask=msk, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, IDS, DK, DV,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_db, s_dh, s_dm, s_dd,
+    s_dkb, s_dkh, s_dkn, s_dkd,
+    s_dvb, s_dvh, s_dvn, s_dvd,
+    s_ib, s_in,
+    H, Lq, Lk, GROUP,
+    sm_scale,  # softmax scale
+    qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
+    HEAD_D: tl.constexpr,  # true head dim
+    BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / reduction chunk (split path)
+    BLOCK_DV: tl.constexpr,  # dk/dv columns per program
+    NUM_DC: tl.constexpr,  # reduction chunks per score (1 on the single path)
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    hkv_count = H // GROUP
+    b = (pid_bh // hkv_count).to(tl.int64)
+    hkv = (pid_bh % hkv_count).to(tl.int64)
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dt = Q.dtype.element_ty
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Lk
+    dv_ok = offs_dv < HEAD_D
+    ids = tl.load(IDS + b * s_ib + offs_n * s_in, mask=n_ok, other=-1)
+    key_ok = ids >= 0  # false on padding and past Lk
+    k_base = K + b * s_kb + hkv * s_kh
+    v_base = V + b * s_vb + hkv * s_vh
+
+    if not SPLIT:
+        d_ok = offs_d < HEAD_D
+        kv_msk = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_msk, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_msk, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo = 0
+    if CAUSAL:
+        # The first query row that can see key pid_n * BLOCK_N lives in this query block.
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    # A key block that is all padding gets zero gradients without walking the queries.
+    hi = tl.where(tl.max(key_ok.to(tl.int32), 0) > 0, Lq, lo)
+
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_db + h * s_dh
+        row_base = (b * H + h) * Lq
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < Lq
+            if SPLIT:
+                # Full-D scores and do.v^T, chunk by chunk; only this program's D slice is kept.
+                st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                for c in range(NUM_DC):
+                    offs_c = c * BLOCK_D + offs_d
+                    c_ok = offs_c < HEAD_D
+                    kc = tl.load(k_base + offs_n[:, None] * s_kn + offs_c[None, :] * s_kd,
+                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+                    qct = tl.load(q_base + offs_m[None, :] * s_qm + offs_c[:, None] * s_qd,
+                                  mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+                    st = tl.dot(kc, qct, st, input_precision=prec)
+                    vc = tl.load(v_base + offs_n[:, None] * s_vn + offs_c[None, :] * s_vd,
+                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+                    doct = tl.load(do_base + offs_m[None, :] * s_dm + offs_c[:, None] * s_dd,
+                                   mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+                    dpt = tl.dot(vc, doct, dpt, input_precision=prec)
+                o_msk = m_ok[:, None] & dv_ok[None, :]
+                q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_dv[None, :] * s_qd, mask=o_msk, other=0.0)
+                do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_dv[None, :] * s_dd, mask=o_msk, other=0.0)
+            else:
+                msk = m_ok[:, None] & d_ok[None, :]
+                q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=msk, other=0.0)
+                do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
+                st = tl.dot(k, tl.trans(q_o), input_precision=prec)
+                dpt = tl.dot(v, tl.trans(do_o), input_precision=prec)
+            # lse = +inf on rows with no live key (and past Lq): p = exp2(s - inf) = 0 there.
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            vis = key_ok[:, None] & m_ok[None, :]
+            if CAUSAL:
+                vis = vis & (offs_m[None, :] >= offs_n[:, None])
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse[None, :] * 1.4426950408889634), 0.0)
+            dv = tl.dot(pt.to(dt), do_o, dv, input_precision=prec)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(dt), q_o, dk, input_precision=prec)
+
+    dk = dk * sm_scale
+    o_msk = n_ok[:, None] & dv_ok[None, :]
+    tl.store(DK + b * s_dkb + hkv * s_dkh + offs_n[:, None] * s_dkn + offs_dv[None, :] * s_dkd,
+             dk.to(DK.dtype.element_ty), mask=o_msk)
+    tl.store(DV + b * s_dvb + hkv * s_dvh + offs_n[:, None] * s_dvn + offs_dv[None, :] * s_dvd,
+             dv.to(DV.dtype.element_ty), mask=o_msk)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_db, s_dh, s_dm, s_dd,
+    s_dqb, s_dqh, s_dqm, s_dqd,
+    s_ib, s_in,
+    s_rmb, s_rmm,
+    H, Lq, Lk, GROUP,
+    sm_scale, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
+    CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hkv = h // GROUP
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dt = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    dv_ok = offs_dv < HEAD_D
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    k_base = K + b * s_kb + hkv * s_kh
+    v_base = V + b * s_vb + hkv * s_vh
+    ids_base = IDS + b * s_ib
+    row_base = (b * H + h) * Lq
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+
+    if not SPLIT:
+        d_ok = offs_d < HEAD_D
+        msk = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=msk, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        ids = tl.load(ids_base + offs_n * s_in, mask=n_ok, other=-1)
+        if SPLIT:
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c in range(NUM_DC):
+                offs_c = c * BLOCK_D + offs_d
+                c_ok = offs_c < HEAD_D
+                qc = tl.load(q_base + offs_m[:, None] * s_qm + offs_c[None, :] * s_qd,
+                             mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                kct = tl.load(k_base + offs_n[None, :] * s_kn + offs_c[:, None] * s_kd,
+                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                s = tl.dot(qc, kct, s, input_precision=prec)
+                doc = tl.load(do_base + offs_m[:, None] * s_dm + offs_c[None, :] * s_dd,
+                              mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                vct = tl.load(v_base + offs_n[None, :] * s_vn + offs_c[:, None] * s_vd,
+                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                dp = tl.dot(doc, vct, dp, input_precision=prec)
+            k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_dv[None, :] * s_kd,
+                          mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        else:
+            kv_msk = n_ok[:, None] & d_ok[None, :]
+            k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_msk, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_msk, other=0.0)
+            s = tl.dot(q, tl.trans(k_o), input_precision=prec)
+            dp = tl.dot(do, tl.trans(v), input_precision=prec)
+        vis = m_ok[:, None] & (ids[None, :] >= 0)
+        if CAUSAL:
+            vis = vis & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(dt), k_o, dq, input_precision=prec)
+
+    dq = dq * sm_scale
+    dq_ptr = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm
+    if ROTATE:
+        # Chain rule of q' = q R^T: dq = dq' R on the rotated rows (the launcher sets ROTATE only
+        # when this program holds whole dq' rows: one D chunk, BLOCK_DV >= HEAD_D). Unrotated rows
+        # are stored as they are; rotated rows column chunk by column chunk, so only a
+        # [BLOCK_DV, ROT_CHUNK] slice of R is on chip at once (a whole fp32 256x256 R would not fit
+        # in shared memory). dq' and R go into the dot in q's dtype (fp32 accumulation): the
+        # arithmetic autograd does for q @ R^T in that dtype, and an fp32 dq' operand spilled
+        # registers at D = 256 (ptxas, sm_90a).
+        sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
+        dq = dq.to(DQ.dtype.element_ty)
+        tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq, mask=(m_ok & ~sel)[:, None] & dv_ok[None, :])
+        r_base = ROT + h * HEAD_D * HEAD_D
+        for c in tl.static_range(BLOCK_DV // ROT_CHUNK):
+            offs_e = c * ROT_CHUNK + tl.arange(0, ROT_CHUNK)
+            e_ok = offs_e < HEAD_D
+            r = tl.load(r_base + offs_dv[:, None] * HEAD_D + offs_e[None, :], mask=dv_ok[:, None] & e_ok[None, :],
+                        other=0.0).to(dq.dtype)
+            dq_rot = tl.dot(dq, r, input_precision=prec)
+            tl.store(dq_ptr + offs_e[None, :] * s_dqd, dq_rot.to(DQ.dtype.element_ty),
+                     mask=(m_ok & sel)[:, None] & e_ok[None, :])
+    else:
+        tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+
+
+def _autotuned(kernel, table, interp_row, key):
+    return triton.autotune(
+        configs=_to_configs([interp_row] if _interpreting() else _union(table)),
+        key=key,
+        prune_configs_by={"early_config_prune": _pruner(table)},
+    )(kernel)
+
+
+_bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
+                       ["Lq", "Lk", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE"])
+_bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
+                     ["Lq", "Lk", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:
+    """Head dim -> (split, BLOCK_D, BLOCK_DV, NUM_DC) for one kernel, under the module constants."""
+    if d <= max_resident:
+        block = max(16, _next_pow2(d))
+        return False, block, block, 1
+    return True, SPLIT_D_CHUNK, min(split_chunk, max(16, _next_pow2(d))), triton.cdiv(d, SPLIT_D_CHUNK)
+
+
+def _dkdv_plan(d: int) -> Tuple[bool, int, int, int]:
+    return _plan(d, DKDV_MAX_RESIDENT_D, SPLIT_DKDV_CHUNK)
+
+
+def _dq_plan(d: int) -> Tuple[bool, int, int, int]:
+    return _plan(d, DQ_MAX_RESIDENT_D, SPLIT_DQ_CHUNK)
+
+
+def _pre_blocks(d: int) -> Tuple[int, int]:
+    block = max(16, _next_pow2(min(d, PRE_D_CHUNK)))
+    return block, triton.cdiv(d, block)
+
+
+def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask) -> None:
+    for name, t in (("do", do), ("q_rot", q_rot), ("k", k), ("v", v), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
+    B, H, Lq, D = q_rot.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B, Hkv, Lk, D] = [{B}, *, *, {D}] alike, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if out.shape != q_rot.shape or do.shape != q_rot.shape:
+        raise ValueError(f"out and do must have q_rot's shape {tuple(q_rot.shape)}, got out {tuple(out.shape)}, "
+                         f"do {tuple(do.shape)}")
+    if k.dtype != q_rot.dtype or v.dtype != q_rot.dtype:
+        raise TypeError(f"q_rot, k, v must share one dtype, got {q_rot.dtype}, {k.dtype}, {v.dtype}")
+    if q_rot.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q_rot must be float16, bfloat16 or float32, got {q_rot.dtype}")
+    if lse.shape != (B, H, Lq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 [B, H, Lq] = [{B}, {H}, {Lq}] tensor, got "
+                         f"{lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2 or tuple(ids.shape) != (B, Lk):
+        raise ValueError(f"ids must be an int32/int64 [B, Lk] = [{B}, {Lk}] tensor, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    if causal and Lq != Lk:
+        raise ValueError(f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
+    if rotation is not None and tuple(rotation.shape) != (H, D, D):
+        raise ValueError(f"rotation must be [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
+    if rot_mask is not None and (rot_mask.dim() != 2 or tuple(rot_mask.shape) != (B, Lq)
+                                 or rot_mask.dtype not in (torch.bool, torch.uint8)):
+        raise ValueError(f"rot_mask must be a bool/uint8 [B, Lq] = [{B}, {Lq}] tensor, got "
+                         f"{rot_mask.dtype} {tuple(rot_mask.shape)}")
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q_rot: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    ids: torch.Tensor,
+    causal: bool,
+    scale: float,
+    rotation: Optional[torch.Tensor],
+    rot_mask: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the fused forward in q, k, v.
+
+    Args:
+        do: [B, H, Lq, D] gradient of `out` (any strides).
+        q_rot: [B, H, Lq, D] the rotated queries the forward used (q's dtype, any strides).
+        k, v: [B, Hkv, Lk, D] (any strides); query head h reads kv head h // (H // Hkv).
+        out: [B, H, Lq, D] the forward output.
+        lse: [B, H, Lq] float32 contiguous natural-log sum-exp of the scaled scores; +inf on rows
+            with no live visible key (they get zero gradient).
+        ids: int [B, Lk] modality ids, -1 = padding (stride(0) == 0 allowed; a 1-D [Lk] is expanded).
+        causal: query i sees keys 0..i (Lq == Lk).
+        scale: the softmax scale the forward used.
+        rotation: [H, D, D] float or None; rot_mask: bool/uint8 [B, Lq] or None (stride(0) == 0
+            allowed). Rows are rotated only when both are given.
+
+    Returns:
+        dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
+        in k's dtype. All freshly allocated and contiguous.
+    """
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+        ids = ids.expand(q_rot.shape[0], ids.shape[0])
+    _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask)
+    B, H, Lq, D = q_rot.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    dev = q_rot.device
+    rotate = rotation is not None and rot_mask is not None
+    ieee = q_rot.dtype == torch.float32
+    qk_scale = float(scale) * _LOG2E
+
+    delta = _empty(B, H, Lq, device=dev, dtype=torch.float32)
+    pre_d, pre_dc = _pre_blocks(D)
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, PRE_BLOCK_M), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Lq,
+        HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M,
+    )
+
+    dk = _empty(B, Hkv, Lk, D, device=dev, dtype=k.dtype)
+    dv = _empty(B, Hkv, Lk, D, device=dev, dtype=v.dtype)
+    split, block_d, block_dv, num_dc = _dkdv_plan(D)
+    n_dv = triton.cdiv(D, block_dv)
+    _bwd_dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv, n_dv)](
+        q_rot, k, v, do, lse, delta, ids, dk, dv,
+        *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        ids.stride(0), ids.stride(1),
+        H, Lq, Lk, group, float(scale), qk_scale,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee,
+    )
+
+    dq = _empty(B, H, Lq, D, device=dev, dtype=q_rot.dtype)
+    split, block_d, block_dv, num_dc = _dq_plan(D)
+    n_dv = triton.cdiv(D, block_dv)
+    in_kernel_rot = rotate and n_dv == 1
+    if in_kernel_rot:
+        rot = rotation.detach().to(torch.float32).contiguous()
+        rm = rot_mask.view(torch.uint8) if rot_mask.dtype == torch.bool else rot_mask
+    else:
+        rot = delta  # never read: ROTATE is a constexpr False
+        rm = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    _bwd_dq[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_dv)](
+        q_rot, k, v, do, lse, delta, ids, rot, rm, dq,
+        *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
+        H, Lq, Lk, group, float(scale), qk_scale,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=min(block_dv, ROT_CHUNK),
+    )
+    if rotate and not in_kernel_rot:
+        # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's
+        # dtype (what autograd does for q @ R^T in that dtype).
+        dq_rot = torch.einsum("bhld,hde->bhle", dq, rotation.detach().to(dq.dtype))
+        dq = torch.where(rot_mask.bool()[:, None, :, None], dq_rot, dq)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile variants (for the Hopper build check; no GPU needed).
+
+_TL_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _jit_fn(kernel) -> "triton.runtime.jit.JITFunction":
+    """The compilable JITFunction of a kernel (under TRITON_INTERPRET=1 `triton.jit` returns an
+    interpreter wrapper instead, which ASTSource cannot compile)."""
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        return kernel
+    cached = _JIT_CACHE.get(kernel.fn)
+    if cached is None:
+        cached = _JIT_CACHE[kernel.fn] = triton.runtime.jit.JITFunction(kernel.fn)
+    return cached
+
+
+_JIT_CACHE: dict = {}
+
+
+def _sig(fn, types: dict) -> dict:
+    """Signature dict for ASTSource: every argument by name, constexprs typed "constexpr"."""
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    return {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+
+
+def bwd_compile_variants(head_dims=(64, 128, 256, 768)) -> List[tuple]:
+    """Every backward kernel x autotune config x dtype for representative head dims.
+
+    Returns a list of (JITFunction, signature dict, constexprs dict, num_warps, num_stages), ready
+    for `triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90,
+    32), options={"num_warps": w, "num_stages": s})`. Each kernel takes the path (resident or D
+    split) and the config list the launcher and the autotuner's pruner would give it. Causal and
+    rotated variants are included (the widest code paths); integer strides stay unspecialised.
+    """
+    variants = []
+    fp = {"sm_scale": "fp32", "qk_scale": "fp32"}
+    for dtype, ptr in _TL_PTR.items():
+        ieee = dtype == torch.float32
+        io = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "IDS": "*i32"}
+        for d in head_dims:
+            pre_d, pre_dc = _pre_blocks(d)
+            pre = _jit_fn(_bwd_preprocess_kernel)
+            variants.append((pre, _sig(pre, {"O": ptr, "DO": ptr, "DELTA": "*fp32"}),
+                             {"HEAD_D": d, "BLOCK_D": pre_d, "NUM_DC": pre_dc, "BLOCK_M": PRE_BLOCK_M}, 4, 1))
+            for kernel, plan, table, types in (
+                (_bwd_dkdv_kernel, _dkdv_plan, _DKDV_TABLE, dict(io, DK=ptr, DV=ptr)),
+                (_bwd_dq_kernel, _dq_plan, _DQ_TABLE, dict(io, ROT="*fp32", ROWMASK="*u8", DQ=ptr)),
+            ):
+                fn = _jit_fn(kernel)
+                split, block_d, block_dv, num_dc = plan(d)
+                cx = {"HEAD_D": d, "BLOCK_D": block_d, "BLOCK_DV": block_dv, "NUM_DC": num_dc,
+                      "CAUSAL": True, "SPLIT": split, "IEEE": ieee}
+                if kernel is _bwd_dq_kernel:
+                    cx.update(ROTATE=block_dv >= d, ROT_CHUNK=min(block_dv, ROT_CHUNK))
+                for bm, bn, w, s in table[_d_class(split, max(block_d, block_dv), ieee)]:
+                    variants.append((fn, _sig(fn, dict(types, **fp)), dict(cx, BLOCK_M=bm, BLOCK_N=bn), w, s))
+    return variants
