@@ -1,0 +1,187 @@
+"""The training program: tiny end-to-end runs of every method, the metrics log, checkpoints,
+exact resume, .npz input, the CLI and the demo."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rollingq import train
+from rollingq.data import SyntheticSpec, make_synthetic, save_npz
+from rollingq.train import TrainConfig, run
+
+TINY = dict(n_train=96, n_test=16, dim=16, enc_layers=1, batch_size=32, threads=1, progress=False, quiet=True)
+
+COMMON_KEYS = {"epoch", "method", "seed", "lr", "loss", "train_acc", "test_acc", "acc", "probe_acc",
+               "probe_acc_subsets", "air", "c", "key_gap", "mass_train", "weights", "rotated", "rotations", "time"}
+ATTENTION_KEYS = {"mass", "c_test", "air_test", "key_gap_test"}
+SUBSETS = {"clean", "corrupt_0", "corrupt_1"}
+
+
+def _numbers(v):
+    if isinstance(v, dict):
+        for x in v.values():
+            yield from _numbers(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _numbers(x)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        yield v
+
+
+def _read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "rollingq", "concat", "sum"])
+def test_one_epoch_each_method_writes_a_complete_log(tmp_path, method):
+    out = tmp_path / method
+    history = run(TrainConfig(method=method, epochs=1, out=str(out), **TINY))
+    log = _read_log(out / "metrics.jsonl")
+    assert log == json.loads(json.dumps(history)) and len(log) == 1
+    rec = log[0]
+    attention = method in ("vanilla", "rollingq")
+    assert COMMON_KEYS <= set(rec)
+    assert (ATTENTION_KEYS <= set(rec)) == attention
+    assert rec["method"] == method and rec["epoch"] == 1
+    assert set(rec["acc"]) == SUBSETS and set(rec["probe_acc_subsets"]) == SUBSETS
+    assert len(rec["probe_acc"]) == 2
+    for v in _numbers(rec):
+        assert math.isfinite(v)
+    assert 0 <= rec["test_acc"] <= 1 and rec["loss"] > 0
+    if attention:
+        # Every attention field is defined; mass rows (2 modalities + the fusion token) sum to 1.
+        assert None not in (rec["air"], rec["key_gap"]) and None not in rec["c"]
+        assert set(rec["mass"]) == SUBSETS
+        for row in rec["mass"].values():
+            assert len(row) == 3 and abs(sum(row) - 1) < 1e-5
+        assert abs(rec["air"] - (rec["c"][0] - rec["c"][1])) < 1e-9
+        assert rec["rotations"] == (1 if method == "rollingq" else 0)
+    else:
+        assert rec["air"] is None and rec["key_gap"] is None and rec["rotations"] == 0
+
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "controller", "rng"}
+    if attention:
+        eye = torch.eye(16).expand(1, 16, 16)
+        rotated = not torch.allclose(state["model"]["attn.rotation"], eye)
+        assert rotated == (method == "rollingq")
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    cfg = dict(method="rollingq", epochs=3, **TINY)
+    full = run(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    part = run(TrainConfig(out=str(tmp_path / "part"), stop_after=2, **cfg))
+    assert len(part) == 2
+    resumed = run(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert strip(_read_log(tmp_path / "part" / "metrics.jsonl")) == strip(full)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["controller"]["rotations"] == b["controller"]["rotations"] == [1]
+
+
+def test_resume_refuses_a_missing_checkpoint_or_changed_settings(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(TrainConfig(method="vanilla", epochs=1, out=str(tmp_path / "none"), resume=True, **TINY))
+    run(TrainConfig(method="vanilla", epochs=1, out=str(tmp_path / "a"), **TINY))
+    with pytest.raises(ValueError, match="lr"):
+        run(TrainConfig(method="vanilla", epochs=1, lr=0.5, out=str(tmp_path / "a"), resume=True, **TINY))
+
+
+def test_full_pass_and_svd_rotation_and_npz_input(tmp_path):
+    data = make_synthetic(SyntheticSpec(n_train=64, n_test=8, seed=5))
+    path = tmp_path / "feat.npz"
+    save_npz(data, path)
+    cfg = {**TINY, "n_train": None, "n_test": None}
+    hist = run(TrainConfig(method="rollingq", data=str(path), epochs=1, full_pass=True, rotation="svd",
+                           rotate="all", out=str(tmp_path / "r"), **cfg))
+    rec = hist[0]
+    assert rec["rotations"] == 1 and all(math.isfinite(v) for v in _numbers(rec))
+
+
+def test_cli_parses_and_rejects(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert train.main(["--method", "sum", "--epochs", "1", "--n-train", "64", "--n-test", "8", "--dim", "16",
+                       "--enc-layers", "1", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    assert len(_read_log(out / "metrics.jsonl")) == 1
+    assert "[sum] epoch   1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.main(["--method", "bogus"])
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        train.main(["--rotation", "qr"])
+    # A bad feature file or a missing checkpoint is a usage error with the reason, no traceback.
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "y")])
+    assert "not a readable .npz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out", str(tmp_path / "nothing")])
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cosine_warmup_schedule():
+    f = train.cosine_warmup(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_demo_end_to_end_on_a_tiny_task(tmp_path, capsys):
+    folder = train.run_demo(out_root=str(tmp_path), epochs=1, progress=False,
+                            spec=SyntheticSpec(n_train=64, n_test=8), dim=16, enc_layers=1, quiet=True)
+    printed = capsys.readouterr().out
+    assert "| metric | vanilla | rollingq |" in printed and "acc, favoured (audio) corrupted" in printed
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert set(metrics["runs"]) == {"vanilla", "rollingq"}
+    assert metrics["runs"]["rollingq"][-1]["rotations"] == 1
+    png = os.path.join(folder, "demo.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.getsize(png) > 1000
+    else:  # the plot is optional: no matplotlib, no plot, no error
+        assert not os.path.exists(png)
+
+
+def test_experiment_quick_writes_tables_and_plot(tmp_path, capsys):
+    from rollingq import experiment
+
+    out = tmp_path / "exp"
+    assert experiment.main(["--quick", "--seeds", "2", "--workers", "1", "--methods", "vanilla,rollingq,sum",
+                            "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    for name in ("vanilla", "rollingq", "sum"):
+        assert f"| {name} | " in md
+    assert "| concat |" not in md and "Per epoch" in md
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    assert set(res["runs"]) == {"vanilla", "rollingq", "sum"}
+    assert all(len(h) == 2 for r in res["runs"].values() for h in r.values())
+    assert res["runs"]["rollingq"]["1"][-1]["rotations"] == 1 and res["runs"]["vanilla"]["0"][-1]["rotations"] == 0
+    # Mean ± std over the two seeds, computed from the logged finals.
+    accs = [res["runs"]["sum"][s][-1]["test_acc"] for s in ("0", "1")]
+    assert f"| sum | {np.mean(accs):.3f} ± {np.std(accs):.3f} |" in md
+    with pytest.raises(SystemExit):
+        experiment.main(["--methods", "vanilla,bogus", "--out", str(tmp_path / "x")])
+
+
+def test_three_modalities_and_two_heads(tmp_path):
+    data = make_synthetic(SyntheticSpec(num_modalities=3, tokens=(4, 6, 3), features=(8, 8, 5),
+                                        signal_tokens=(1, 6, 3), n_train=64, n_test=8, seed=1))
+    cfg = {**TINY, "n_train": None, "n_test": None}
+    rec = run(TrainConfig(method="rollingq", epochs=1, fusion_heads=2, out=str(tmp_path / "m3"), **cfg), data)[0]
+    assert set(rec["acc"]) == {"clean", "corrupt_0", "corrupt_1", "corrupt_2"}
+    assert len(rec["c"]) == 3 and len(rec["probe_acc"]) == 3 and rec["rotations"] == 1
+    # AIR is max(c) - min(c) per head, then averaged: at least the spread of the head-averaged c.
+    assert rec["air"] >= max(rec["c"]) - min(rec["c"]) - 1e-9 and rec["air"] > 0
+    assert all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in rec["mass"].values())
+    assert all(math.isfinite(v) for v in _numbers(rec))
