@@ -21,12 +21,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _PTR_DTYPE = {"*fp16": "fp16", "*bf16": "bf16", "*fp32": "fp32"}
 
 
-def variants(dtypes, head_dims):
+def variants(dtypes, head_dims, arch=90):
     """(name, fn, signature, constexprs, num_warps, num_stages) for the forward and backward kernels."""
     from rollingq.kernels.attention_bwd import bwd_compile_variants
     from rollingq.kernels.attention_fwd import fwd_compile_variants
 
-    out = list(fwd_compile_variants(head_dims=head_dims, dtypes=[DTYPES[d] for d in dtypes]))
+    out = list(fwd_compile_variants(head_dims=head_dims, dtypes=[DTYPES[d] for d in dtypes], arch=arch))
     for fn, sig, cx, w, s in bwd_compile_variants(head_dims=head_dims):
         t = _PTR_DTYPE.get(sig.get("Q") or sig.get("O"), "?")
         if t not in dtypes:
@@ -41,12 +41,11 @@ def _one(args):
     index, arch, dtypes, head_dims = args
     from rollingq.kernels.aot import compile_report
 
-    return compile_report(*variants(dtypes, head_dims)[index], arch=arch)
+    return compile_report(*variants(dtypes, head_dims, arch)[index], arch=arch)
 
 
 def run(archs, dtypes, head_dims, workers=2):
-    n = len(variants(dtypes, head_dims))
-    jobs = [(i, a, dtypes, head_dims) for a in archs for i in range(n)]
+    jobs = [(i, a, dtypes, head_dims) for a in archs for i in range(len(variants(dtypes, head_dims, a)))]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_one, jobs))
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
+MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
 SPLIT_D_CHUNK = 128  # D chunk of the score loop and of the output in the D-split path
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
@@ -30,18 +31,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Autotune lists per (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps, num_stages). Every
-# entry compiles for sm_90 without register spills and within shared memory, as checked by
+# Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). Every entry compiles for its target (sm_90: H100/H200; sm_80: A100, also used for
+# other pre-Hopper cards) without register spills and within shared memory, as checked by
 # bench/inspect_kernels.py (and tests/test_aot_compile.py); wider tiles than these spill.
-FWD_CONFIGS = {
-    ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-    ("16bit", 128): [(128, 32, 8, 2), (64, 16, 4, 2)],
-    ("16bit", 256): [(64, 32, 8, 2)],
-    ("16bit", "split"): [(128, 16, 8, 2)],
-    ("fp32", 64): [(32, 32, 4, 2)],
-    ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
-    ("fp32", 256): [(32, 16, 8, 1)],
-    ("fp32", "split"): [(16, 16, 8, 1)],
+FWD_CONFIGS_BY_ARCH = {
+    90: {
+        ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+        ("16bit", 128): [(128, 32, 8, 2), (64, 16, 4, 2)],
+        ("16bit", 256): [(64, 32, 8, 2)],
+        ("16bit", "split"): [(128, 16, 8, 2)],
+        ("fp32", 64): [(32, 32, 4, 2)],
+        ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
+        ("fp32", 256): [(32, 16, 8, 1)],
+        ("fp32", "split"): [(16, 16, 8, 1)],
+    },
+    80: {
+        ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+        ("16bit", 128): [(128, 16, 8, 2), (64, 16, 4, 2)],
+        ("16bit", "split"): [(64, 16, 8, 2), (64, 16, 4, 2)],
+        ("fp32", 64): [(32, 32, 4, 2)],
+        ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
+        ("fp32", "split"): [(16, 16, 8, 1)],
+    },
 }
 INTERPRET_CONFIG = (16, 16, 4, 1)
 
@@ -61,14 +73,24 @@ def _config(t):
 def _configs(interpret=None):
     if _interpreting() if interpret is None else interpret:
         return [_config(INTERPRET_CONFIG)]
-    return [_config(t) for t in sorted({t for lst in FWD_CONFIGS.values() for t in lst})]
+    return [_config(t) for t in sorted({t for table in FWD_CONFIGS_BY_ARCH.values()
+                                        for lst in table.values() for t in lst})]
+
+
+def _arch() -> int:
+    """The config table for the current device: Hopper's, or Ampere's for anything older."""
+    return 90 if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else 80
+
+
+def _max_single_d(arch: int) -> int:
+    return MAX_SINGLE_D if arch >= 90 else min(MAX_SINGLE_D, MAX_SINGLE_D_PRE_HOPPER)
 
 
 def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
     args = dict(named_args, **kwargs)
-    wanted = FWD_CONFIGS[_d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])]
+    wanted = FWD_CONFIGS_BY_ARCH[_arch()][_d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])]
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     return [c for c in configs if key(c) in wanted]
 
@@ -247,7 +269,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     dev = q.device
-    split = D > MAX_SINGLE_D
+    split = D > _max_single_d(_arch() if q.is_cuda else 90)
     rotate = rotation is not None and rot_mask is not None
     if rotate and (split or q.dtype == torch.float32):
         # The split path cannot hold a full rotated Q row per program, and fp32's exact (non-tensor-
@@ -298,7 +320,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, torch.bfloat16, torch.float32)):
+def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                         arch: int = 90):
     """Every (variant, autotune config) the forward can launch on a GPU, for ahead-of-time compiles.
 
     Yields (name, JITFunction, signature, constexprs, num_warps, num_stages); statistics, rotation
@@ -308,7 +331,7 @@ def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, t
     for d in head_dims:
         for dtype in dtypes:
             t = _TL[dtype]
-            split = d > MAX_SINGLE_D
+            split = d > _max_single_d(arch)
             in_kernel_rot = not split and dtype != torch.float32
             block_d = SPLIT_D_CHUNK if split else max(16, _next_pow2(d))
             const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_d, NUM_DC=triton.cdiv(d, block_d) if split else 1,
@@ -325,7 +348,7 @@ def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, t
                     sig[name] = "*fp32"
                 else:
                     sig[name] = {"ROWMASK": "*u8", "IDS": "*i32", "qk_scale": "fp32"}.get(name, "i32")
-            for cfg in map(_config, FWD_CONFIGS[_d_class(d, split, dtype == torch.float32)]):
+            for cfg in map(_config, FWD_CONFIGS_BY_ARCH[arch][_d_class(d, split, dtype == torch.float32)]):
                 c = dict(const, **cfg.kwargs)
                 name = f"fwd D{d} {t} BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
                 yield name, fn, sig, c, cfg.num_warps, cfg.num_stages
