@@ -26,7 +26,10 @@ its outputs (a grid dimension over D chunks). When one dq slice covers the whole
 the rotation epilogue stays in the kernel; otherwise (the paper's D = 768) no program holds a full
 dq' row, so the epilogue runs afterwards in torch as one batched matmul in q's dtype
 (dq = where(rotated, dq' @ R[h], dq')), the arithmetic autograd does for `q @ R^T` in that dtype.
-Chunk sizes and thresholds come from ptxas register/spill reports for sm_90a (see the config tables).
+The split path recomputes the full-D scores once per output slice: at D = 768 dK/dV does
+(768/128) x (2 + 2/6) = 14 units of M*N*D work where a resident kernel would do 4, and dQ
+(768/256) x (2 + 1/3) = 7 instead of 3. Thresholds, chunk widths and configs come from ptxas
+register/spill reports for sm_90a and sm_80 (see the config tables); timing them on a GPU is open.
 """
 import os
 from typing import List, Optional, Tuple
@@ -35,12 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
+DKDV_MAX_RESIDENT_D = 128  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 128  # dQ: larger heads take the split path (tests lower it)
 SPLIT_D_CHUNK = 64  # D chunk of the full-D reductions (q'.k, do.v) on the split path
 SPLIT_DKDV_CHUNK = 128  # dk/dv columns owned by one program on the split path
-SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path
-ROT_CHUNK = 64  # R columns per step of the in-kernel dq rotation epilogue (bounds its shared memory)
+SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path (fp16/bf16)
+SPLIT_DQ_CHUNK_IEEE = 64  # the same for fp32 inputs (FMA dots: a 256-wide fp32 tile spills)
+ROT_CHUNK = 32  # R columns per step of the in-kernel dq rotation epilogue (fp16/bf16)
+ROT_CHUNK_IEEE = 16  # the same for fp32 inputs
 PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
 PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (bounds its registers)
 
@@ -53,23 +58,32 @@ def _interpreting() -> bool:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class. dK/dV: BLOCK_N keys owned, BLOCK_M queries
-# per step; dQ: BLOCK_M queries owned, BLOCK_N keys per step. Chosen from ptxas -v on sm_90a (fp16,
-# causal, rotation on): the spill-free ones where any exist, else the least spilling; "ieee" (fp32
-# inputs: FMA dots, no tensor cores) keeps small tiles. The autotuner sees the union and the pruner
-# keeps the class's list.
+# per step; dQ: BLOCK_M queries owned, BLOCK_N keys per step. Every listed config compiles without
+# register spills (ptxas -v, causal, rotation on) for sm_90 in fp16/bf16/fp32 and for sm_80 in bf16;
+# the thresholds and chunk widths above were chosen so that such configs exist (a resident
+# 256-wide dK/dV tile spilled in every config tried, so dK/dV splits above 128). "ieee-*" classes
+# are fp32 inputs (FMA dots, no tensor cores). The "256" classes are reached only if a resident
+# threshold is raised, and their configs spill. The autotuner sees the union; the pruner keeps the
+# launch's class.
 _DKDV_TABLE = {
-    64: [(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-    128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
-    256: [(16, 64, 8, 2), (32, 64, 8, 2)],
-    "split": [(32, 64, 8, 2), (64, 64, 8, 2)],
-    "ieee": [(16, 32, 4, 2), (32, 32, 8, 2)],
+    64: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 4, 1)],
+    128: [(32, 64, 8, 1), (16, 64, 8, 1)],
+    256: [(16, 64, 8, 2)],
+    "split": [(16, 64, 8, 2), (16, 64, 8, 1)],
+    "ieee-64": [(16, 32, 4, 2), (32, 32, 8, 2)],
+    "ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)],
+    "ieee-256": [(16, 32, 8, 2)],
+    "ieee-split": [(16, 32, 8, 2)],
 }
 _DQ_TABLE = {
-    64: [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
-    128: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-    256: [(64, 32, 8, 2), (32, 32, 8, 2)],  # only if DQ_MAX_RESIDENT_D is raised (these spill ~1 KB)
-    "split": [(64, 32, 8, 2), (128, 32, 8, 2)],
-    "ieee": [(32, 16, 4, 2), (32, 32, 8, 2)],
+    64: [(64, 32, 4, 3), (128, 32, 8, 2)],
+    128: [(64, 32, 8, 2), (64, 32, 8, 3)],
+    256: [(64, 32, 8, 2)],
+    "split": [(64, 16, 8, 2)],
+    "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
+    "ieee-128": [(16, 32, 8, 2)],
+    "ieee-256": [(16, 32, 8, 2)],
+    "ieee-split": [(16, 32, 8, 2)],
 }
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
 # exercised with unaligned tiles.
@@ -78,11 +92,8 @@ _INTERPRET_DQ = (32, 16, 4, 1)
 
 
 def _d_class(split: bool, width: int, ieee: bool):
-    if ieee:
-        return "ieee"
-    if split:
-        return "split"
-    return 64 if width <= 64 else 128 if width <= 128 else 256
+    cls = "split" if split else (64 if width <= 64 else 128 if width <= 128 else 256)
+    return f"ieee-{cls}" if ieee else cls
 
 
 def _union(table) -> list:
@@ -333,8 +344,8 @@ def _bwd_dq_kernel(
         # Chain rule of q' = q R^T: dq = dq' R on the rotated rows (the launcher sets ROTATE only
         # when this program holds whole dq' rows: one D chunk, BLOCK_DV >= HEAD_D). Unrotated rows
         # are stored as they are; rotated rows column chunk by column chunk, so only a
-        # [BLOCK_DV, ROT_CHUNK] slice of R is on chip at once (a whole fp32 256x256 R would not fit
-        # in shared memory). dq' and R go into the dot in q's dtype (fp32 accumulation): the
+        # [BLOCK_DV, ROT_CHUNK] slice of R is on chip at once (a whole fp32 256x256 R is 256 KB of
+        # shared memory). dq' and R go into the dot in q's dtype (fp32 accumulation): the
         # arithmetic autograd does for q @ R^T in that dtype, and an fp32 dq' operand spilled
         # registers at D = 256 (ptxas, sm_90a).
         sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
@@ -383,8 +394,12 @@ def _dkdv_plan(d: int) -> Tuple[bool, int, int, int]:
     return _plan(d, DKDV_MAX_RESIDENT_D, SPLIT_DKDV_CHUNK)
 
 
-def _dq_plan(d: int) -> Tuple[bool, int, int, int]:
-    return _plan(d, DQ_MAX_RESIDENT_D, SPLIT_DQ_CHUNK)
+def _dq_plan(d: int, ieee: bool = False) -> Tuple[bool, int, int, int]:
+    return _plan(d, DQ_MAX_RESIDENT_D, SPLIT_DQ_CHUNK_IEEE if ieee else SPLIT_DQ_CHUNK)
+
+
+def _rot_chunk(block_dv: int, ieee: bool) -> int:
+    return min(block_dv, ROT_CHUNK_IEEE if ieee else ROT_CHUNK)
 
 
 def _pre_blocks(d: int) -> Tuple[int, int]:
@@ -490,7 +505,7 @@ def attention_bwd(
     )
 
     dq = _empty(B, H, Lq, D, device=dev, dtype=q_rot.dtype)
-    split, block_d, block_dv, num_dc = _dq_plan(D)
+    split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     in_kernel_rot = rotate and n_dv == 1
     if in_kernel_rot:
@@ -505,7 +520,7 @@ def attention_bwd(
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=min(block_dv, ROT_CHUNK),
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's
@@ -565,11 +580,11 @@ def bwd_compile_variants(head_dims=(64, 128, 256, 768)) -> List[tuple]:
                 (_bwd_dq_kernel, _dq_plan, _DQ_TABLE, dict(io, ROT="*fp32", ROWMASK="*u8", DQ=ptr)),
             ):
                 fn = _jit_fn(kernel)
-                split, block_d, block_dv, num_dc = plan(d)
+                split, block_d, block_dv, num_dc = plan(d, ieee) if plan is _dq_plan else plan(d)
                 cx = {"HEAD_D": d, "BLOCK_D": block_d, "BLOCK_DV": block_dv, "NUM_DC": num_dc,
                       "CAUSAL": True, "SPLIT": split, "IEEE": ieee}
                 if kernel is _bwd_dq_kernel:
-                    cx.update(ROTATE=block_dv >= d, ROT_CHUNK=min(block_dv, ROT_CHUNK))
+                    cx.update(ROTATE=block_dv >= d, ROT_CHUNK=_rot_chunk(block_dv, ieee))
                 for bm, bn, w, s in table[_d_class(split, max(block_d, block_dv), ieee)]:
                     variants.append((fn, _sig(fn, dict(types, **fp)), dict(cx, BLOCK_M=bm, BLOCK_N=bn), w, s))
     return variants

@@ -131,6 +131,7 @@ def test_bwd_cross_lengths_per_batch_ids(monkeypatch, dtype):
     """Lq != Lk (non-causal), per-batch ids with padding, bool [B, Lq] row mask, D = 40, GQA, custom
     scale; the dq rotation epilogue in 4 column chunks of 16 (the last two partly/fully masked)."""
     monkeypatch.setattr(bwd, "ROT_CHUNK", 16)
+    monkeypatch.setattr(bwd, "ROT_CHUNK_IEEE", 16)
     gen = torch.Generator().manual_seed(_seed("cross", dtype))
     q, k, v, do = _qkv(2, 4, 2, 21, 40, 40, dtype, gen)
     ids = _ids(2, 40, per_batch=True, gen=gen).to(DEV)
@@ -221,10 +222,12 @@ def test_bwd_d_split(monkeypatch, dtype, causal, dq_chunk):
     monkeypatch.setattr(bwd, "SPLIT_D_CHUNK", 16)
     monkeypatch.setattr(bwd, "SPLIT_DKDV_CHUNK", 32)
     monkeypatch.setattr(bwd, "SPLIT_DQ_CHUNK", dq_chunk)
+    monkeypatch.setattr(bwd, "SPLIT_DQ_CHUNK_IEEE", dq_chunk)
     monkeypatch.setattr(bwd, "PRE_D_CHUNK", 16)
     monkeypatch.setattr(bwd, "ROT_CHUNK", 16)
+    monkeypatch.setattr(bwd, "ROT_CHUNK_IEEE", 16)
     assert bwd._dkdv_plan(40) == (True, 16, 32, 3) and bwd._pre_blocks(40) == (16, 3)
-    assert bwd._dq_plan(40) == (True, 16, dq_chunk, 3)
+    assert bwd._dq_plan(40, dtype == torch.float32) == (True, 16, dq_chunk, 3)
     gen = torch.Generator().manual_seed(_seed("split", dtype, causal, dq_chunk))
     lq = 29 if causal else 17
     q, k, v, do = _qkv(2, 4, 2, lq, 29, 40, dtype, gen)
@@ -264,7 +267,7 @@ def test_compile_variants_cover_kernels_and_dtypes():
     assert ptrs == {"*fp16", "*bf16", "*fp32"}
     def paths(name):
         return {(cx["HEAD_D"], cx["SPLIT"]) for fn, sig, cx, *_ in variants if fn.__name__ == name}
-    assert paths("_bwd_dkdv_kernel") == {(64, False), (128, False), (256, False), (768, True)}
+    assert paths("_bwd_dkdv_kernel") == {(64, False), (128, False), (256, True), (768, True)}
     assert paths("_bwd_dq_kernel") == {(64, False), (128, False), (256, True), (768, True)}
 
 
@@ -276,7 +279,8 @@ def test_autotune_pruner_keeps_the_class_list():
         for kwargs, cls in ((dict(BLOCK_D=64, BLOCK_DV=64, SPLIT=False, IEEE=False), 64),
                             (dict(BLOCK_D=128, BLOCK_DV=128, SPLIT=False, IEEE=False), 128),
                             (dict(BLOCK_D=64, BLOCK_DV=128, SPLIT=True, IEEE=False), "split"),
-                            (dict(BLOCK_D=32, BLOCK_DV=32, SPLIT=False, IEEE=True), "ieee")):
+                            (dict(BLOCK_D=32, BLOCK_DV=32, SPLIT=False, IEEE=True), "ieee-64"),
+                            (dict(BLOCK_D=64, BLOCK_DV=64, SPLIT=True, IEEE=True), "ieee-split")):
             kept = prune(configs, {}, **kwargs)
             rows = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
             assert sorted(rows) == sorted(table[cls])
