@@ -31,12 +31,13 @@ The split path recomputes the full-D scores once per output slice: at D = 768 dK
 (768/256) x (2 + 1/3) = 7 instead of 3. Thresholds, chunk widths and configs come from ptxas
 register/spill reports for sm_90a and sm_80 (see the config tables); timing them on a GPU is open.
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import interpreting, next_pow2
 
 DKDV_MAX_RESIDENT_D = 128  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 128  # dQ: larger heads take the split path (tests lower it)
@@ -51,10 +52,6 @@ PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (b
 
 _LOG2E = 1.4426950408889634
 _empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class. dK/dV: BLOCK_N keys owned, BLOCK_M queries
@@ -366,7 +363,7 @@ def _bwd_dq_kernel(
 
 def _autotuned(kernel, table, interp_row, key):
     return triton.autotune(
-        configs=_to_configs([interp_row] if _interpreting() else _union(table)),
+        configs=_to_configs([interp_row] if interpreting() else _union(table)),
         key=key,
         prune_configs_by={"early_config_prune": _pruner(table)},
     )(kernel)
@@ -378,16 +375,12 @@ _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["Lq", "Lk", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"])
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:
     """Head dim -> (split, BLOCK_D, BLOCK_DV, NUM_DC) for one kernel, under the module constants."""
     if d <= max_resident:
-        block = max(16, _next_pow2(d))
+        block = max(16, next_pow2(d))
         return False, block, block, 1
-    return True, SPLIT_D_CHUNK, min(split_chunk, max(16, _next_pow2(d))), triton.cdiv(d, SPLIT_D_CHUNK)
+    return True, SPLIT_D_CHUNK, min(split_chunk, max(16, next_pow2(d))), triton.cdiv(d, SPLIT_D_CHUNK)
 
 
 def _dkdv_plan(d: int) -> Tuple[bool, int, int, int]:
@@ -403,7 +396,7 @@ def _rot_chunk(block_dv: int, ieee: bool) -> int:
 
 
 def _pre_blocks(d: int) -> Tuple[int, int]:
-    block = max(16, _next_pow2(min(d, PRE_D_CHUNK)))
+    block = max(16, next_pow2(min(d, PRE_D_CHUNK)))
     return block, triton.cdiv(d, block)
 
 

@@ -12,12 +12,12 @@ Head dims up to MAX_SINGLE_D run in one program. Larger heads (the paper's 768) 
 over D: each program computes full-D scores by looping over D chunks of (already rotated) Q and K
 and accumulates one BLOCK_DV chunk of the output; only chunk 0 writes the log-sum-exp and the mass.
 """
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import interpreting, next_pow2
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
@@ -25,10 +25,6 @@ SPLIT_D_CHUNK = 128  # D chunk of the score loop and of the output in the D-spli
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,
@@ -71,7 +67,7 @@ def _config(t):
 
 
 def _configs(interpret=None):
-    if _interpreting() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return [_config(INTERPRET_CONFIG)]
     return [_config(t) for t in sorted({t for table in FWD_CONFIGS_BY_ARCH.values()
                                         for lst in table.values() for t in lst})]
@@ -253,10 +249,6 @@ def _new(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
 def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot):
     """Launch the fused forward.
 
@@ -283,7 +275,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
 
     out = _new((B, H, Lq, D), dev, v.dtype)
     lse = _new((B, H, Lq), dev, torch.float32)
-    mp = max(16, _next_pow2(num_modalities))
+    mp = max(16, next_pow2(num_modalities))
     if stats:
         workers = min(triton.cdiv(Lk, KS_BLOCK), triton.cdiv(Lq, MAX_BLOCK_M) * group)
         mass = _new((B, H, Lq, num_modalities), dev, torch.float32)
@@ -294,7 +286,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     if split:
         block_d, block_dv, num_dc = SPLIT_D_CHUNK, SPLIT_D_CHUNK, triton.cdiv(D, SPLIT_D_CHUNK)
     else:
-        block_d = block_dv = max(16, _next_pow2(D))
+        block_d = block_dv = max(16, next_pow2(D))
         num_dc = 1
     rot = rotation.to(torch.float32).contiguous() if rotate else lse
     rm = rot_mask if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
@@ -333,7 +325,7 @@ def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, t
             t = _TL[dtype]
             split = d > _max_single_d(arch)
             in_kernel_rot = not split and dtype != torch.float32
-            block_d = SPLIT_D_CHUNK if split else max(16, _next_pow2(d))
+            block_d = SPLIT_D_CHUNK if split else max(16, next_pow2(d))
             const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_d, NUM_DC=triton.cdiv(d, block_d) if split else 1,
                          MP=16, CAUSAL=True, ROTATE=in_kernel_rot, STATS=True, SAVE_QROT=in_kernel_rot, SPLIT=split,
                          IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK,
