@@ -85,6 +85,10 @@ def rollingq_attention(
         return rollingq_attention_reference(
             q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
 
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot (garbage, not an error).
+        raise NotImplementedError("q, k, v in bfloat16 cannot run through Triton's CPU interpreter; use "
+                                  "float16/float32, a CUDA device, or set_cpu_backend('reference')")
     from .ops import attention_fwd_op  # imports Triton only when a kernel runs
 
     B, H, Lq, D = q.shape

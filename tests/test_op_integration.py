@@ -118,3 +118,10 @@ def test_training_steps_match_reference_path():
     assert kernel[-1] < kernel[0]
     if DEVICE == "cpu":
         assert max(abs(a - b) for a, b in zip(kernel, reference)) < 1e-4, (kernel, reference)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="concerns the CPU interpreter only")
+def test_bf16_refused_by_the_interpreter_path():
+    q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="bfloat16 cannot run through Triton's CPU interpreter"):
+        rollingq.rollingq_attention(q, q, q, torch.zeros(4, dtype=torch.long), 1)
