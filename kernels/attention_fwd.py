@@ -21,7 +21,11 @@ from .common import interpreting, next_pow2
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
-SPLIT_D_CHUNK = 128  # D chunk of the score loop and of the output in the D-split path
+SPLIT_D_CHUNK = 64  # D chunk of the score loop (q'.k over D) on the D-split path
+# Output columns per program on the D-split path: each program recomputes the full-D scores, so
+# wider output chunks mean fewer recomputations (D 768: 3 programs at 256 instead of 6 at 128).
+SPLIT_DV_CHUNK = 256
+SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and pre-Hopper cards: 256 wide spills
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
@@ -36,7 +40,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
         ("16bit", 128): [(128, 32, 8, 2), (64, 16, 4, 2)],
         ("16bit", 256): [(64, 32, 8, 2)],
-        ("16bit", "split"): [(128, 16, 8, 2)],
+        ("16bit", "split"): [(64, 16, 8, 1)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
         ("fp32", 256): [(32, 16, 8, 1)],
@@ -244,6 +248,15 @@ def _rollingq_fwd_kernel(
             tl.store(ks_base + mod[:, None] * HEAD_D + offs_dv[None, :], ks, mask=dv_ok[None, :])
 
 
+def _d_plan(d: int, split: bool, ieee: bool, arch: int):
+    """Head dim -> (BLOCK_D, BLOCK_DV, NUM_DC): score-loop chunk, output columns per program, chunks."""
+    if not split:
+        block = max(16, next_pow2(d))
+        return block, block, 1
+    dv = min(SPLIT_DV_CHUNK_NARROW if ieee or arch < 90 else SPLIT_DV_CHUNK, next_pow2(d))
+    return SPLIT_D_CHUNK, dv, triton.cdiv(d, SPLIT_D_CHUNK)
+
+
 def _new(shape, device, dtype) -> torch.Tensor:
     """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -261,7 +274,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     dev = q.device
-    split = D > _max_single_d(_arch() if q.is_cuda else 90)
+    arch = _arch() if q.is_cuda else 90
+    split = D > _max_single_d(arch)
     rotate = rotation is not None and rot_mask is not None
     if rotate and (split or q.dtype == torch.float32):
         # The split path cannot hold a full rotated Q row per program, and fp32's exact (non-tensor-
@@ -283,11 +297,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     else:
         workers = 0
         mass = ksum_part = lse  # never touched: STATS is a constexpr False
-    if split:
-        block_d, block_dv, num_dc = SPLIT_D_CHUNK, SPLIT_D_CHUNK, triton.cdiv(D, SPLIT_D_CHUNK)
-    else:
-        block_d = block_dv = max(16, next_pow2(D))
-        num_dc = 1
+    block_d, block_dv, num_dc = _d_plan(D, split, q.dtype == torch.float32, arch)
     rot = rotation.to(torch.float32).contiguous() if rotate else lse
     rm = rot_mask if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     n_dv = triton.cdiv(D, block_dv)
@@ -325,8 +335,8 @@ def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, t
             t = _TL[dtype]
             split = d > _max_single_d(arch)
             in_kernel_rot = not split and dtype != torch.float32
-            block_d = SPLIT_D_CHUNK if split else max(16, next_pow2(d))
-            const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_d, NUM_DC=triton.cdiv(d, block_d) if split else 1,
+            block_d, block_dv, num_dc = _d_plan(d, split, dtype == torch.float32, arch)
+            const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
                          MP=16, CAUSAL=True, ROTATE=in_kernel_rot, STATS=True, SAVE_QROT=in_kernel_rot, SPLIT=split,
                          IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK,
                          RC=ROT_CHUNK)

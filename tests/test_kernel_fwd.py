@@ -157,6 +157,8 @@ def test_d_split(dtype, causal, monkeypatch):
     """The split over D that serves heads above MAX_SINGLE_D (the paper's 768), on a small head."""
     monkeypatch.setattr(attention_fwd, "MAX_SINGLE_D", 16)
     monkeypatch.setattr(attention_fwd, "SPLIT_D_CHUNK", 16)
+    monkeypatch.setattr(attention_fwd, "SPLIT_DV_CHUNK", 32)
+    monkeypatch.setattr(attention_fwd, "SPLIT_DV_CHUNK_NARROW", 16)
     q, k, v, ids, rot, _ = make_case(2, 2, 1, 21, 21, 40, 3, dtype, seed=31)
     check(q, k, v, ids, 3, rot, rotate_rows=4, causal=causal)
 
