@@ -97,7 +97,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["Lq", "Lk", "HEAD_D", "CAUSAL", "ROTATE", "STATS", "SPLIT"],
+    key=["Lq", "Lk", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
