@@ -315,7 +315,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
         SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F32=q.dtype == torch.bfloat16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
     )
-    key_sum = ksum_part.sum(2)[:, :, :num_modalities] if stats else None
+    key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum
 
 

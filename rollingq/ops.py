@@ -24,7 +24,9 @@ def attention_fwd_op(
     if q_rot is None:
         q_rot = q.new_empty(_EMPTY)
     elif q_rot.data_ptr() == q.data_ptr():
-        q_rot = q_rot.clone()  # an op output may not alias an input
+        q_rot = q_rot.clone(memory_format=torch.contiguous_format)  # an op output may not alias an input
+    else:
+        q_rot = q_rot.contiguous()  # the fake implementation promises contiguous outputs
     if mass is None:
         mass = q.new_empty(_EMPTY, dtype=torch.float32)
         key_sum = q.new_empty(_EMPTY, dtype=torch.float32)

@@ -48,9 +48,8 @@ def test_statistics_are_not_differentiable():
 
 
 def test_torch_compile_fullgraph_module():
-    """A model using RollingQAttention traces with fullgraph=True (no graph break), forward and
-    backward, and matches eager. aot_eager checks the tracing, fake shapes and op autograd without
-    paying for Inductor's C++ build on CPU."""
+    """A model using RollingQAttention compiles with fullgraph=True (no graph break), forward and
+    backward, through Inductor, and matches eager."""
     torch.manual_seed(0)
     layer = rollingq.RollingQAttention(32, 4, 2, num_fusion_tokens=1, kv_heads=2).to(DEVICE)
     x = torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)
@@ -61,7 +60,7 @@ def test_torch_compile_fullgraph_module():
         return out, st.attn_mass
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True)
     out_c, mass_c = compiled(x)
     out_e, mass_e = f(x)
     torch.testing.assert_close(out_c, out_e)
@@ -125,3 +124,32 @@ def test_bf16_refused_by_the_interpreter_path():
     q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="bfloat16 cannot run through Triton's CPU interpreter"):
         rollingq.rollingq_attention(q, q, q, torch.zeros(4, dtype=torch.long), 1)
+
+
+@pytest.mark.parametrize("dtype, rotate, stats, strided", [
+    (torch.float16, True, True, True), (torch.float32, True, True, True), (torch.float16, False, False, False)])
+def test_opcheck(dtype, rotate, stats, strided):
+    """torch.library.opcheck: schema, fake implementation (shapes *and* strides) and autograd
+    registration of both ops agree with the real kernels."""
+    from rollingq import ops
+
+    gen = torch.Generator().manual_seed(7)
+    B, H, Hkv, L, D, M = 2, 4, 2, 12, 16, 3
+
+    def t(*shape):
+        if strided:
+            b, h, l, d = shape
+            return torch.randn(b, l, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q, k, v = t(B, H, L, D).requires_grad_(), t(B, Hkv, L, D).requires_grad_(), t(B, Hkv, L, D).requires_grad_()
+    ids = torch.randint(-1, M, (L,), generator=gen).to(DEVICE, torch.int32).expand(B, L)
+    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen))[0].to(DEVICE) if rotate else None
+    mask = (torch.arange(L, device=DEVICE) < 3).expand(B, L).view(torch.uint8) if rotate else None
+    args = (q, k, v, ids, M, rot, mask, True, D ** -0.5, stats, rotate)
+    torch.library.opcheck(ops.attention_fwd_op, args)
+    out, lse, q_rot, _, _ = ops.attention_fwd_op(*args)
+    do = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    q_used = q_rot if rotate else q
+    torch.library.opcheck(ops.attention_bwd_op, (do, q_used.detach(), k.detach(), v.detach(), out.detach(), lse,
+                                                 ids, True, D ** -0.5, rot, mask))
