@@ -19,25 +19,41 @@ def inputs(dtype, gen, B=2, H=4, Hkv=2, L=19, D=16):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_public_function_gradients(dtype):
-    gen = torch.Generator().manual_seed(4)
-    q, k, v = inputs(dtype, gen)
-    ids = torch.tensor([0, 1, -1, 2] * 4 + [1, 0, 2]).to(DEVICE)
-    rot = torch.linalg.qr(torch.randn(4, 16, 16, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+def check_gradients(dtype, B, H, Hkv, Lq, Lk, D, causal, seed):
+    """dq, dk, dv through the public function against float64 autograd of the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+    ids = torch.randint(-1, 3, (B, Lk), generator=gen).to(DEVICE)
+    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    rows = min(4, Lq)
     assert uses_kernel(q.device)
-    out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=rot, rotate_rows=4, causal=True)
+    out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=rot, rotate_rows=rows, causal=causal)
     grad = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
 
     def ref(qq, kk, vv, r):
-        o, _ = rollingq_attention_reference(qq, kk, vv, ids, 3, r, 4, causal=True, stats=False)
+        o, _ = rollingq_attention_reference(qq, kk, vv, ids, 3, r, rows, causal=causal, stats=False)
         return torch.autograd.grad(o, (qq, kk, vv), grad.to(o.dtype))
 
     g64 = ref(*(t.detach().double().requires_grad_() for t in (q, k, v)), rot.double())
     glp = ref(*(t.detach().clone().requires_grad_() for t in (q, k, v)), rot)
     for name, got, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, glp):
         assert_close_by_rule(name, got, r64, rlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_public_function_gradients(dtype):
+    check_gradients(dtype, 2, 4, 2, 19, 19, 16, causal=True, seed=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
+                                   (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)])
+def test_gradients_cuda_large(dtype, shape):
+    check_gradients(dtype, *shape, seed=sum(shape[:6]))
 
 
 def test_statistics_are_not_differentiable():
