@@ -67,7 +67,7 @@ def check_inputs(
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
     check_values = value_checks_enabled()
     if check_values and modality_ids.numel():
-        lo, hi = int(modality_ids.min()), int(modality_ids.max())
+        lo, hi = torch.stack(torch.aminmax(modality_ids)).tolist()  # one host sync for both bounds
         _require(lo >= -1 and hi < num_modalities,
                  f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
 
