@@ -18,8 +18,8 @@ OUT="${OUT:-bench/results/latest}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-PARITY_TIMEOUT="${PARITY_TIMEOUT:-120}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
+PARITY_TIMEOUT="${PARITY_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 unset TRITON_INTERPRET  # the kernels must run on the GPU, not through the interpreter
 export ROLLINGQ_BENCH_JSONL="$OUT/records.jsonl"
 # A reused OUT must not lend an old report to this run's summary.
