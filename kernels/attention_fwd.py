@@ -1,8 +1,8 @@
 """Fused forward kernel: query rotation + flash attention + per-modality statistics, one launch.
 
-Each program owns BLOCK_M query rows of one (batch, head). It loads its Q tile once, rotates the
-selected rows by the head's rotation (q' = q @ R^T) while the tile is in registers, then walks the
-key blocks with the online softmax: keep a running row maximum m and row sum l; when a new block
+Each program owns BLOCK_M query rows of one (batch, head). Before its key loop it forms the rotated
+Q tile (q' = q @ R^T, summed over narrow slices of R^T) and keeps the selected rows of it, then
+walks the key blocks with the online softmax: keep a running row maximum m and row sum l; when a new block
 raises the maximum, rescale everything accumulated so far by 2^(m_old - m_new). The per-modality
 attention mass is one more accumulator of that loop ([BLOCK_M, MP], fed by p @ one_hot(ids)), so it
 is rescaled exactly like the output. Key sums per modality do not depend on the queries, so they are
@@ -11,6 +11,7 @@ split across the programs of a (batch, kv-head) and written as partial sums that
 Head dims up to MAX_SINGLE_D run in one program. Larger heads (the paper's 768) split the output
 over D: each program computes full-D scores by looping over D chunks of (already rotated) Q and K
 and accumulates one BLOCK_DV chunk of the output; only chunk 0 writes the log-sum-exp and the mass.
+fp32 inputs and the split path get Q rotated once up front by the launcher (see rollingq_fwd).
 """
 
 import torch
@@ -70,8 +71,8 @@ def _config(t):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-def _configs(interpret=None):
-    if interpreting() if interpret is None else interpret:
+def _configs():
+    if interpreting():
         return [_config(INTERPRET_CONFIG)]
     return [_config(t) for t in sorted({t for table in FWD_CONFIGS_BY_ARCH.values()
                                         for lst in table.values() for t in lst})]

@@ -4,7 +4,7 @@ Written for clarity: the attention matrix is materialised, softmax is explicit, 
 differentiable through PyTorch's autograd. Run it in float64 for an exact answer; run it in the
 kernel's dtype to learn how much error that dtype alone costs (design.md, "Numerics").
 """
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,8 +19,8 @@ def modality_one_hot(ids: torch.Tensor, num_modalities: int, dtype: torch.dtype)
 
 
 def key_counts(ids: torch.Tensor, num_modalities: int) -> torch.Tensor:
-    """[B, Lk] ids -> live keys per modality, [B, M] int64."""
-    return modality_one_hot(ids, num_modalities, torch.int64).sum(1)
+    """[B, Lk] ids -> live keys per modality, [B, M] int64 (a bool compare, no int64 one-hot)."""
+    return (ids.unsqueeze(-1) == torch.arange(num_modalities, device=ids.device)).sum(-2)
 
 
 def rotate_queries(q: torch.Tensor, rotation: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> torch.Tensor:
