@@ -5,15 +5,18 @@ registers and spills, and cuobjdump's SASS shows whether Hopper's HGMMA (wgmma) 
 there. Catches what the interpreter cannot: compile errors, shared memory over the card's limit,
 register spills. Must run with TRITON_INTERPRET unset (the interpreter replaces the compiler).
 """
+import contextlib
 import os
 import re
 import subprocess
 import tempfile
-from typing import Dict
+from typing import Dict, Iterator, List, Optional
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # H100/H200 and A100 per-block opt-in maxima
 
@@ -22,11 +25,79 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_report(name, fn, signature, constexprs, num_warps, num_stages, arch: int = 90) -> Dict:
+class Launch:
+    """One kernel launch as the launcher issued it: the autotuned kernel and its arguments."""
+
+    def __init__(self, kernel, args, kwargs):
+        self.kernel, self.args, self.kwargs = kernel, args, kwargs
+
+    @property
+    def fn(self) -> "triton.runtime.jit.JITFunction":
+        return self.kernel if isinstance(self.kernel, triton.runtime.jit.JITFunction) else self.kernel.fn
+
+    def configs(self) -> List["triton.Config"]:
+        """The configs this launch can run: those the autotuner's pruner keeps for these arguments,
+        or for a plain `@triton.jit` kernel its launch options (Triton's defaults when absent)."""
+        at = self.kernel
+        if isinstance(at, triton.runtime.jit.JITFunction):
+            return [triton.Config({}, num_warps=self.kwargs.get("num_warps", 4),
+                                  num_stages=self.kwargs.get("num_stages", 3))]
+        if at.early_config_prune is None:
+            return list(at.configs)
+        return at.early_config_prune(at.configs, dict(zip(at.arg_names, self.args)), **self.kwargs)
+
+    def specialization(self, config) -> tuple:
+        """(signature, constexprs, attrs) exactly as `JITFunction.run` derives them at launch time:
+        integer arguments equal to 1 become constants, integers and pointers divisible by 16 carry
+        the divisibility hint. Compiling without these hints (all strides plain i32) gives a
+        different kernel: with an unknown innermost stride no load can be vectorised or pipelined."""
+        fn = self.fn
+        values = dict(zip(fn.arg_names, self.args), **self.kwargs, **config.kwargs)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(fn.params):
+            v = values[p.name]
+            if p.is_constexpr:
+                signature[p.name], constexprs[p.name] = "constexpr", v
+                continue
+            ty, spec = native_specialize_impl(CUDABackend, v, p.is_const, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment)
+            signature[p.name] = ty
+            if ty == "constexpr":
+                constexprs[p.name] = spec
+            elif isinstance(spec, str):
+                attrs[(i,)] = CUDABackend.parse_attr(spec)
+        return signature, constexprs, attrs
+
+
+class _Recorder:
+    def __init__(self, kernel, sink):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs))
+
+
+@contextlib.contextmanager
+def captured_launches(module, names) -> Iterator[List[Launch]]:
+    """Within the block, the autotuned kernels `module.<name>` record their launches instead of
+    running, so a launcher can be driven with CPU tensors of a real problem's shapes and strides."""
+    sink: List[Launch] = []
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n, k in saved.items():
+            setattr(module, n, _Recorder(k, sink))
+        yield sink
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+def compile_report(name, fn, signature, constexprs, num_warps, num_stages, arch: int = 90,
+                   attrs: Optional[dict] = None) -> Dict:
     """Compile one kernel variant for sm_<arch>; return shared bytes, registers, spills, HGMMA count."""
     rep = {"name": name, "arch": arch, "error": None}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=num_warps, num_stages=num_stages))
     except Exception as e:  # a compile error is a finding, reported per variant

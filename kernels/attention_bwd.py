@@ -19,17 +19,18 @@ p and ds to the input type before their dots, as FlashAttention does. bf16 diffe
 in the element type (`Q.dtype.element_ty`), so the interpreter's fp16 tests cover its code path.
 
 Head dims: each kernel holds its resident tiles (K/V for dK/dV, Q/dO for dQ) across its loop while
-D <= DKDV_MAX_RESIDENT_D / DQ_MAX_RESIDENT_D (D padded to a power of two under masks). Beyond that
-the kernel takes the split path: the full-D reductions q'.k and do.v loop over SPLIT_D_CHUNK-wide
-chunks reloaded every step, and each program owns a SPLIT_DKDV_CHUNK / SPLIT_DQ_CHUNK-wide slice of
-its outputs (a grid dimension over D chunks). When one dq slice covers the whole head (e.g. D = 256)
-the rotation epilogue stays in the kernel; otherwise (the paper's D = 768) no program holds a full
-dq' row, so the epilogue runs afterwards in torch as one batched matmul in q's dtype
+D <= DKDV_MAX_RESIDENT_D / DQ_MAX_RESIDENT_D (256 for 16-bit inputs on Hopper, NARROW_MAX_RESIDENT_D
+= 128 for fp32 and pre-Hopper cards; D padded to a power of two under masks). Beyond that the kernel
+takes the split path: the full-D reductions q'.k and do.v loop over SPLIT_D_CHUNK-wide chunks
+reloaded every step, and each program owns a SPLIT_DKDV_CHUNK / SPLIT_DQ_CHUNK-wide slice of its
+outputs (a grid dimension over D chunks). When one dq slice covers the whole head the rotation
+epilogue stays in the kernel; otherwise (the paper's D = 768) no program holds a full dq' row, so
+the epilogue runs afterwards in torch as one batched matmul in q's dtype
 (dq = where(rotated, dq' @ R[h], dq')), the arithmetic autograd does for `q @ R^T` in that dtype.
-The split path recomputes the full-D scores once per output slice: at D = 768 dK/dV does
-(768/128) x (2 + 2/6) = 14 units of M*N*D work where a resident kernel would do 4, and dQ
+The split path recomputes the full-D scores once per output slice: at D = 768 with 256-wide slices
+dK/dV does (768/256) x (2 + 2/3) = 8 units of M*N*D work where a resident kernel would do 4, and dQ
 (768/256) x (2 + 1/3) = 7 instead of 3. Thresholds, chunk widths and configs come from ptxas
-register/spill reports for sm_90a and sm_80 (see the config tables); timing them on a GPU is open.
+register/spill reports for sm_90a and sm_80 (bench/inspect_kernels.py); timing them on a GPU is open.
 """
 from typing import List, Optional, Tuple
 
@@ -37,12 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2
+from .common import interpreting, next_pow2, target_arch
 
-DKDV_MAX_RESIDENT_D = 128  # dK/dV: larger heads take the split path (tests lower it)
-DQ_MAX_RESIDENT_D = 128  # dQ: larger heads take the split path (tests lower it)
+DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
+DQ_MAX_RESIDENT_D = 256  # dQ: larger heads take the split path (tests lower it)
+NARROW_MAX_RESIDENT_D = 128  # both kernels, for fp32 inputs and pre-Hopper cards
 SPLIT_D_CHUNK = 64  # D chunk of the full-D reductions (q'.k, do.v) on the split path
-SPLIT_DKDV_CHUNK = 128  # dk/dv columns owned by one program on the split path
+SPLIT_DKDV_CHUNK = 256  # dk/dv columns owned by one program on the split path
+SPLIT_DKDV_CHUNK_NARROW = 128  # the same for fp32 inputs and pre-Hopper cards
 SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path (fp16/bf16)
 SPLIT_DQ_CHUNK_IEEE = 64  # the same for fp32 inputs (FMA dots: a 256-wide fp32 tile spills)
 ROT_CHUNK = 32  # R columns per step of the in-kernel dq rotation epilogue (fp16/bf16)
@@ -54,33 +57,51 @@ _LOG2E = 1.4426950408889634
 _empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class. dK/dV: BLOCK_N keys owned, BLOCK_M queries
-# per step; dQ: BLOCK_M queries owned, BLOCK_N keys per step. Every listed config compiles without
-# register spills (ptxas -v, causal, rotation on) for sm_90 in fp16/bf16/fp32 and for sm_80 in bf16;
-# the thresholds and chunk widths above were chosen so that such configs exist (a resident
-# 256-wide dK/dV tile spilled in every config tried, so dK/dV splits above 128). "ieee-*" classes
-# are fp32 inputs (FMA dots, no tensor cores). The "256" classes are reached only if a resident
-# threshold is raised, and their configs spill. The autotuner sees the union; the pruner keeps the
-# launch's class.
-_DKDV_TABLE = {
-    64: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 4, 1)],
-    128: [(32, 64, 8, 1), (16, 64, 8, 1)],
-    256: [(16, 64, 8, 2)],
-    "split": [(16, 64, 8, 2), (16, 64, 8, 1)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU generation and D class. dK/dV: BLOCK_N keys
+# owned, BLOCK_M queries per step; dQ: BLOCK_M queries owned, BLOCK_N keys per step. Every listed
+# config compiles without register spills and within shared memory (ptxas -v, causal, rotation on,
+# with the argument specialisation of a real launch; bench/inspect_kernels.py): sm_90 in
+# fp16/bf16/fp32, sm_80 in bf16. "ieee-*" classes are fp32 inputs (FMA dots, no tensor cores).
+# The autotuner sees the union; the pruner keeps the launch's class for the card it runs on.
+_IEEE_DKDV = {
     "ieee-64": [(16, 32, 4, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)],
-    "ieee-256": [(16, 32, 8, 2)],
     "ieee-split": [(16, 32, 8, 2)],
 }
-_DQ_TABLE = {
-    64: [(64, 32, 4, 3), (128, 32, 8, 2)],
-    128: [(64, 32, 8, 2), (64, 32, 8, 3)],
-    256: [(64, 32, 8, 2)],
-    "split": [(64, 16, 8, 2)],
+_IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2)],
-    "ieee-256": [(16, 32, 8, 2)],
     "ieee-split": [(16, 32, 8, 2)],
+}
+_DKDV_TABLE = {
+    90: {
+        64: [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)],
+        128: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
+        256: [(16, 64, 8, 2), (32, 64, 8, 2)],
+        "split": [(16, 64, 8, 2), (32, 64, 8, 2)],
+        **_IEEE_DKDV,
+    },
+    80: {
+        64: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 4, 1)],
+        128: [(32, 64, 8, 1), (16, 64, 8, 1)],
+        "split": [(16, 64, 8, 2), (16, 64, 8, 1)],
+        **_IEEE_DKDV,
+    },
+}
+_DQ_TABLE = {
+    90: {
+        64: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        "split": [(64, 32, 8, 2), (64, 64, 8, 1), (128, 16, 8, 2)],
+        **_IEEE_DQ,
+    },
+    80: {
+        64: [(64, 32, 4, 3), (128, 32, 8, 2)],
+        128: [(64, 32, 8, 2), (64, 32, 8, 3)],
+        "split": [(64, 16, 8, 2)],
+        **_IEEE_DQ,
+    },
 }
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
 # exercised with unaligned tiles.
@@ -95,8 +116,9 @@ def _d_class(split: bool, width: int, ieee: bool):
 
 def _union(table) -> list:
     rows = []
-    for lst in table.values():
-        rows += [r for r in lst if r not in rows]
+    for by_class in table.values():
+        for lst in by_class.values():
+            rows += [r for r in lst if r not in rows]
     return rows
 
 
@@ -109,7 +131,7 @@ def _pruner(table):
         if len(configs) == 1:
             return configs
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-        keep = table[_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
+        keep = table[target_arch()][_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
         return kept or configs[-1:]
     return prune
@@ -383,12 +405,20 @@ def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, 
     return True, SPLIT_D_CHUNK, min(split_chunk, max(16, next_pow2(d))), triton.cdiv(d, SPLIT_D_CHUNK)
 
 
-def _dkdv_plan(d: int) -> Tuple[bool, int, int, int]:
+def _narrow(ieee: bool) -> bool:
+    """fp32 inputs (FMA dots) and pre-Hopper cards have less room for resident tiles."""
+    return ieee or target_arch() < 90
+
+
+def _dkdv_plan(d: int, ieee: bool = False) -> Tuple[bool, int, int, int]:
+    if _narrow(ieee):
+        return _plan(d, min(DKDV_MAX_RESIDENT_D, NARROW_MAX_RESIDENT_D), min(SPLIT_DKDV_CHUNK, SPLIT_DKDV_CHUNK_NARROW))
     return _plan(d, DKDV_MAX_RESIDENT_D, SPLIT_DKDV_CHUNK)
 
 
 def _dq_plan(d: int, ieee: bool = False) -> Tuple[bool, int, int, int]:
-    return _plan(d, DQ_MAX_RESIDENT_D, SPLIT_DQ_CHUNK_IEEE if ieee else SPLIT_DQ_CHUNK)
+    max_resident = min(DQ_MAX_RESIDENT_D, NARROW_MAX_RESIDENT_D) if _narrow(ieee) else DQ_MAX_RESIDENT_D
+    return _plan(d, max_resident, SPLIT_DQ_CHUNK_IEEE if ieee else SPLIT_DQ_CHUNK)
 
 
 def _rot_chunk(block_dv: int, ieee: bool) -> int:
@@ -486,7 +516,7 @@ def attention_bwd(
 
     dk = _empty(B, Hkv, Lk, D, device=dev, dtype=k.dtype)
     dv = _empty(B, Hkv, Lk, D, device=dev, dtype=v.dtype)
-    split, block_d, block_dv, num_dc = _dkdv_plan(D)
+    split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     _bwd_dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv, n_dv)](
         q_rot, k, v, do, lse, delta, ids, dk, dv,
@@ -521,63 +551,3 @@ def attention_bwd(
         dq_rot = torch.einsum("bhld,hde->bhle", dq, rotation.detach().to(dq.dtype))
         dq = torch.where(rot_mask.bool()[:, None, :, None], dq_rot, dq)
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile variants (for the Hopper build check; no GPU needed).
-
-_TL_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-
-
-def _jit_fn(kernel) -> "triton.runtime.jit.JITFunction":
-    """The compilable JITFunction of a kernel (under TRITON_INTERPRET=1 `triton.jit` returns an
-    interpreter wrapper instead, which ASTSource cannot compile)."""
-    if isinstance(kernel, triton.runtime.jit.JITFunction):
-        return kernel
-    cached = _JIT_CACHE.get(kernel.fn)
-    if cached is None:
-        cached = _JIT_CACHE[kernel.fn] = triton.runtime.jit.JITFunction(kernel.fn)
-    return cached
-
-
-_JIT_CACHE: dict = {}
-
-
-def _sig(fn, types: dict) -> dict:
-    """Signature dict for ASTSource: every argument by name, constexprs typed "constexpr"."""
-    constexprs = {p.name for p in fn.params if p.is_constexpr}
-    return {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
-
-
-def bwd_compile_variants(head_dims=(64, 128, 256, 768)) -> List[tuple]:
-    """Every backward kernel x autotune config x dtype for representative head dims.
-
-    Returns a list of (JITFunction, signature dict, constexprs dict, num_warps, num_stages), ready
-    for `triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90,
-    32), options={"num_warps": w, "num_stages": s})`. Each kernel takes the path (resident or D
-    split) and the config list the launcher and the autotuner's pruner would give it. Causal and
-    rotated variants are included (the widest code paths); integer strides stay unspecialised.
-    """
-    variants = []
-    fp = {"sm_scale": "fp32", "qk_scale": "fp32"}
-    for dtype, ptr in _TL_PTR.items():
-        ieee = dtype == torch.float32
-        io = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "IDS": "*i32"}
-        for d in head_dims:
-            pre_d, pre_dc = _pre_blocks(d)
-            pre = _jit_fn(_bwd_preprocess_kernel)
-            variants.append((pre, _sig(pre, {"O": ptr, "DO": ptr, "DELTA": "*fp32"}),
-                             {"HEAD_D": d, "BLOCK_D": pre_d, "NUM_DC": pre_dc, "BLOCK_M": PRE_BLOCK_M}, 4, 1))
-            for kernel, plan, table, types in (
-                (_bwd_dkdv_kernel, _dkdv_plan, _DKDV_TABLE, dict(io, DK=ptr, DV=ptr)),
-                (_bwd_dq_kernel, _dq_plan, _DQ_TABLE, dict(io, ROT="*fp32", ROWMASK="*u8", DQ=ptr)),
-            ):
-                fn = _jit_fn(kernel)
-                split, block_d, block_dv, num_dc = plan(d, ieee) if plan is _dq_plan else plan(d)
-                cx = {"HEAD_D": d, "BLOCK_D": block_d, "BLOCK_DV": block_dv, "NUM_DC": num_dc,
-                      "CAUSAL": True, "SPLIT": split, "IEEE": ieee}
-                if kernel is _bwd_dq_kernel:
-                    cx.update(ROTATE=block_dv >= d, ROT_CHUNK=_rot_chunk(block_dv, ieee))
-                for bm, bn, w, s in table[_d_class(split, max(block_d, block_dv), ieee)]:
-                    variants.append((fn, _sig(fn, dict(types, **fp)), dict(cx, BLOCK_M=bm, BLOCK_N=bn), w, s))
-    return variants

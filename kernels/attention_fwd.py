@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2
+from .common import interpreting, next_pow2, target_arch
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
@@ -35,15 +35,16 @@ ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
 # Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,
 # num_stages). Every entry compiles for its target (sm_90: H100/H200; sm_80: A100, also used for
 # other pre-Hopper cards) without register spills and within shared memory, as checked by
-# bench/inspect_kernels.py (and tests/test_aot_compile.py); wider tiles than these spill.
+# bench/inspect_kernels.py (and tests/test_aot_compile.py) on the launches of real shapes; the
+# next wider tiles spill (e.g. BN 128 at D 64 and D 128 on sm_90, with statistics and rotation on).
 FWD_CONFIGS_BY_ARCH = {
     90: {
         ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-        ("16bit", 128): [(128, 32, 8, 2), (64, 16, 4, 2)],
-        ("16bit", 256): [(64, 32, 8, 2)],
-        ("16bit", "split"): [(64, 16, 8, 1)],
+        ("16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+        ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
+        ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
         ("fp32", 64): [(32, 32, 4, 2)],
-        ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
+        ("fp32", 128): [(32, 32, 8, 2)],
         ("fp32", 256): [(32, 16, 8, 1)],
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
@@ -52,7 +53,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 128): [(128, 16, 8, 2), (64, 16, 4, 2)],
         ("16bit", "split"): [(64, 16, 8, 2), (64, 16, 4, 2)],
         ("fp32", 64): [(32, 32, 4, 2)],
-        ("fp32", 128): [(32, 32, 8, 2), (64, 16, 8, 2)],
+        ("fp32", 128): [(32, 32, 8, 2)],
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
 }
@@ -78,11 +79,6 @@ def _configs():
                                         for lst in table.values() for t in lst})]
 
 
-def _arch() -> int:
-    """The config table for the current device: Hopper's, or Ampere's for anything older."""
-    return 90 if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else 80
-
-
 def _max_single_d(arch: int) -> int:
     return MAX_SINGLE_D if arch >= 90 else min(MAX_SINGLE_D, MAX_SINGLE_D_PRE_HOPPER)
 
@@ -91,7 +87,7 @@ def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
     args = dict(named_args, **kwargs)
-    wanted = FWD_CONFIGS_BY_ARCH[_arch()][_d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])]
+    wanted = FWD_CONFIGS_BY_ARCH[target_arch()][_d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])]
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     return [c for c in configs if key(c) in wanted]
 
@@ -275,7 +271,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     dev = q.device
-    arch = _arch() if q.is_cuda else 90
+    arch = target_arch()
     split = D > _max_single_d(arch)
     rotate = rotation is not None and rot_mask is not None
     if rotate and (split or q.dtype == torch.float32):
@@ -318,40 +314,3 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum
-
-
-_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def fwd_compile_variants(head_dims=(64, 128, 256, 768), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                         arch: int = 90):
-    """Every (variant, autotune config) the forward can launch on a GPU, for ahead-of-time compiles.
-
-    Yields (name, JITFunction, signature, constexprs, num_warps, num_stages); statistics, rotation
-    and the rotated-Q save all on, the heaviest variant for registers and shared memory.
-    """
-    fn = _rollingq_fwd_kernel.fn
-    for d in head_dims:
-        for dtype in dtypes:
-            t = _TL[dtype]
-            split = d > _max_single_d(arch)
-            in_kernel_rot = not split and dtype != torch.float32
-            block_d, block_dv, num_dc = _d_plan(d, split, dtype == torch.float32, arch)
-            const = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-                         MP=16, CAUSAL=True, ROTATE=in_kernel_rot, STATS=True, SAVE_QROT=in_kernel_rot, SPLIT=split,
-                         IEEE=dtype == torch.float32, MASS_F32=dtype == torch.bfloat16, KS_N=KS_BLOCK,
-                         RC=ROT_CHUNK)
-            sig = {}
-            for name in fn.arg_names:
-                if name in const or name in ("BLOCK_M", "BLOCK_N"):
-                    sig[name] = "constexpr"
-                elif name in ("Q", "K", "V", "O", "QROT"):
-                    sig[name] = "*" + t
-                elif name in ("LSE", "ROT", "MASS", "KSUM"):
-                    sig[name] = "*fp32"
-                else:
-                    sig[name] = {"ROWMASK": "*u8", "IDS": "*i32", "qk_scale": "fp32"}.get(name, "i32")
-            for cfg in map(_config, FWD_CONFIGS_BY_ARCH[arch][_d_class(d, split, dtype == torch.float32)]):
-                c = dict(const, **cfg.kwargs)
-                name = f"fwd D{d} {t} BM{c['BLOCK_M']} BN{c['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
-                yield name, fn, sig, c, cfg.num_warps, cfg.num_stages

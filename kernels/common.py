@@ -9,3 +9,18 @@ def interpreting() -> bool:
 
 def next_pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
+
+
+TARGET_ARCH = None  # set by ahead-of-time builds (bench/inspect_kernels.py) to plan for a card not here
+
+
+def target_arch() -> int:
+    """The GPU generation the launchers plan for: 90 (Hopper and newer; also the CPU interpreter, so
+    that its tests walk the Hopper plan) or 80 (Ampere's plan, used for every pre-Hopper card)."""
+    if TARGET_ARCH is not None:
+        return TARGET_ARCH
+    import torch
+
+    if torch.cuda.is_available():
+        return 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
+    return 90

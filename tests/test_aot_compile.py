@@ -22,7 +22,7 @@ def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
     reports = json.loads(out.read_text()) if out.exists() else []
     assert reports, f"no reports:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     names = {r["name"].split()[0] for r in reports}
-    assert {"fwd", "bwd"} <= names, names
+    assert names == {"fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"}, names
     bad = [r for r in reports if r["error"] or r.get("over_shared") or r.get("spill_bytes", 0) > 0]
     assert not bad, "\n".join(f"{r['name']} sm_{r['arch']}: error={r['error']} shared={r.get('shared')} "
                               f"spills={r.get('spill_bytes')}" for r in bad)
@@ -30,3 +30,31 @@ def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
         fwd16 = [r for r in reports if r["name"].startswith("fwd") and " bf16 " in r["name"]]
         assert all(r["hgmma"] > 0 for r in fwd16)
     assert proc.returncode == 0
+
+
+def test_variants_carry_the_launch_specialisation():
+    """The compiled variants are the launches a GPU would run: recorded from the launchers on real
+    shapes, with Triton's run-time argument specialisation and the pruned config list per card."""
+    from rollingq.kernels.attention_fwd import FWD_CONFIGS_BY_ARCH
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "inspect_kernels.py"), "--arch", "90,80",
+                           "--dtypes", "bf16", "--list"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = json.loads(proc.stdout)
+    assert {v["kernel"] for v in variants} == {"_rollingq_fwd_kernel", "_bwd_preprocess_kernel",
+                                               "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+
+    def fwd(arch, specimen):
+        return [v for v in variants if v["arch"] == arch and v["kernel"] == "_rollingq_fwd_kernel"
+                and f" {specimen} " in v["name"]]
+
+    for arch in (90, 80):
+        long = fwd(arch, "H16_L4096_D128")
+        assert {(v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"], v["num_warps"], v["num_stages"])
+                for v in long} == set(FWD_CONFIGS_BY_ARCH[arch][("16bit", 128)])
+        for v in long:
+            assert v["constexprs"]["s_qd"] == 1 and v["constexprs"]["s_kd"] == 1  # unit strides become constants
+            assert {"s_qm", "s_kn", "Lq", "Lk", "Q", "K"} <= set(v["divisible_by_16"])
+        for v in fwd(arch, "paper_L907_D768"):
+            assert v["constexprs"]["SPLIT"] and not {"Lq", "Lk"} & set(v["divisible_by_16"])  # 907 is not

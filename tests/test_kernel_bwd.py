@@ -16,9 +16,8 @@ if not torch.cuda.is_available():
     # Without a GPU the kernels run in Triton's interpreter; triton.jit reads this at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-
 from rollingq.kernels import attention_bwd as bwd  # noqa: E402
+from rollingq.kernels import common  # noqa: E402
 from rollingq.reference import rollingq_attention_reference, rotate_queries  # noqa: E402
 from rollingq.validation import rotate_row_mask  # noqa: E402
 
@@ -253,26 +252,10 @@ def test_bwd_bad_arguments():
                           torch.ones(1, 7, dtype=torch.bool))
 
 
-def test_compile_variants_cover_kernels_and_dtypes():
-    """bwd_compile_variants lists each kernel per dtype and head dim, with a full, valid signature."""
-    variants = bwd.bwd_compile_variants()
-    fns = {fn for fn, *_ in variants}
-    assert {fn.__name__ for fn in fns} == {"_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
-    assert all(isinstance(fn, triton.runtime.jit.JITFunction) for fn in fns)
-    for fn, sig, cx, warps, stages in variants:
-        assert list(sig) == list(fn.arg_names)
-        assert set(cx) == {n for n, t in sig.items() if t == "constexpr"}
-        assert warps in (4, 8) and stages >= 1
-    ptrs = {sig["Q"] for fn, sig, *_ in variants if fn.__name__ == "_bwd_dq_kernel"}
-    assert ptrs == {"*fp16", "*bf16", "*fp32"}
-    def paths(name):
-        return {(cx["HEAD_D"], cx["SPLIT"]) for fn, sig, cx, *_ in variants if fn.__name__ == name}
-    assert paths("_bwd_dkdv_kernel") == {(64, False), (128, False), (256, True), (768, True)}
-    assert paths("_bwd_dq_kernel") == {(64, False), (128, False), (256, True), (768, True)}
-
-
-def test_autotune_pruner_keeps_the_class_list():
-    """The autotuner's pruner keeps exactly the configs listed for the launch's D class."""
+@pytest.mark.parametrize("arch", [90, 80])
+def test_autotune_pruner_keeps_the_class_list(arch, monkeypatch):
+    """The autotuner's pruner keeps exactly the configs listed for the launch's D class on the card."""
+    monkeypatch.setattr(common, "TARGET_ARCH", arch)
     for table in (bwd._DKDV_TABLE, bwd._DQ_TABLE):
         prune = bwd._pruner(table)
         configs = bwd._to_configs(bwd._union(table))
@@ -283,4 +266,18 @@ def test_autotune_pruner_keeps_the_class_list():
                             (dict(BLOCK_D=64, BLOCK_DV=64, SPLIT=True, IEEE=True), "ieee-split")):
             kept = prune(configs, {}, **kwargs)
             rows = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-            assert sorted(rows) == sorted(table[cls])
+            assert sorted(rows) == sorted(table[arch][cls])
+
+
+@pytest.mark.parametrize("arch, ieee, plans", [
+    (90, False, {64: (False, 64), 128: (False, 128), 256: (False, 256), 768: (True, 256)}),
+    (90, True, {128: (False, 128), 256: (True, 128), 768: (True, 128)}),
+    (80, False, {128: (False, 128), 256: (True, 128), 768: (True, 128)}),
+])
+def test_dkdv_plan_per_card_and_precision(arch, ieee, plans, monkeypatch):
+    """Hopper keeps 16-bit K/V tiles resident up to D 256 and splits wider heads into 256-wide
+    slices; fp32 and pre-Hopper cards have room for 128 only."""
+    monkeypatch.setattr(common, "TARGET_ARCH", arch)
+    for d, (split, width) in plans.items():
+        got = bwd._dkdv_plan(d, ieee)
+        assert (got[0], got[2]) == (split, width), (d, got)
