@@ -281,3 +281,26 @@ def test_dkdv_plan_per_card_and_precision(arch, ieee, plans, monkeypatch):
     for d, (split, width) in plans.items():
         got = bwd._dkdv_plan(d, ieee)
         assert (got[0], got[2]) == (split, width), (d, got)
+
+
+def _tiles(table):
+    return sorted({(bm, bn): (bm, bn, w, s) for by_class in table.values()
+                   for lst in by_class.values() for bm, bn, w, s in lst}.values())
+
+
+@pytest.mark.parametrize("kernel, config", [("dkdv", c) for c in _tiles(bwd._DKDV_TABLE)]
+                         + [("dq", c) for c in _tiles(bwd._DQ_TABLE)],
+                         ids=lambda x: x if isinstance(x, str) else "BM{}_BN{}_w{}_s{}".format(*x))
+def test_every_table_tile(kernel, config, monkeypatch):
+    """Each tile shape the autotune tables can pick, forced, on lengths no tile divides (causal,
+    GQA, padding, some rows rotated): the block bounds and masks hold for every BLOCK_M x BLOCK_N."""
+    import triton
+
+    bm, bn, w, s = config
+    at = bwd._bwd_dkdv if kernel == "dkdv" else bwd._bwd_dq
+    monkeypatch.setattr(at, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)])
+    monkeypatch.setattr(at, "cache", {})
+    gen = torch.Generator().manual_seed(bm * 1000 + bn)
+    q, k, v, do = _qkv(1, 4, 2, 203, 203, 32, torch.float16, gen)
+    ids = _ids(1, 203, per_batch=False, gen=gen).to(DEV)
+    _run_and_check(q, k, v, ids, _rotation(4, 32, gen).to(DEV), 77, True, do)

@@ -171,3 +171,21 @@ def test_parity_cuda_large(dtype, shape):
     B, H, Hkv, Lq, Lk, D, causal = shape
     q, k, v, ids, rot, _ = make_case(B, H, Hkv, Lq, Lk, D, 3, dtype, seed=D + Lq)
     check(q, k, v, ids, 3, rot, rotate_rows=Lq, causal=causal)
+
+
+_FWD_TILES = sorted({(bm, bn): (bm, bn, w, s) for table in attention_fwd.FWD_CONFIGS_BY_ARCH.values()
+                     for lst in table.values() for bm, bn, w, s in lst}.values())
+
+
+@pytest.mark.parametrize("config", _FWD_TILES, ids=lambda c: "BM{}_BN{}_w{}_s{}".format(*c))
+def test_every_table_tile(config, monkeypatch):
+    """Each tile shape the autotune tables can pick, forced, on lengths no tile divides (causal,
+    GQA, padding, some rows rotated): the block bounds and masks hold for every BLOCK_M x BLOCK_N."""
+    import triton
+
+    bm, bn, w, s = config
+    kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)])
+    monkeypatch.setattr(kernel, "cache", {})
+    q, k, v, ids, rot, _ = make_case(1, 4, 2, 203, 203, 32, 3, torch.float16, seed=bm * 1000 + bn)
+    check(q, k, v, ids, 3, rot, rotate_rows=77, causal=True)
