@@ -9,8 +9,8 @@
 # pytest-benchmark writes no JSON report, so the bench also appends each record to
 # $OUT/records.jsonl as it goes, and the summary falls back to that file.
 #
-# Knobs: OUT, PYTHON, ROLLINGQ_COMMIT (when the tree has no .git), PARITY_TIMEOUT, BENCH_TIMEOUT,
-# ROLLINGQ_SKIP_INSTALL=1 (dry run in an existing environment, e.g. on a CPU box).
+# Knobs: OUT, PYTHON, ROLLINGQ_COMMIT (when the tree has no .git), PRECOMPILE_TIMEOUT, PARITY_TIMEOUT,
+# BENCH_TIMEOUT, ROLLINGQ_SKIP_INSTALL=1 (dry run in an existing environment, e.g. on a CPU box).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -18,8 +18,9 @@ OUT="${OUT:-bench/results/latest}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-PARITY_TIMEOUT="${PARITY_TIMEOUT:-150}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+PRECOMPILE_TIMEOUT="${PRECOMPILE_TIMEOUT:-60}"
+PARITY_TIMEOUT="${PARITY_TIMEOUT:-130}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-220}"
 unset TRITON_INTERPRET  # the kernels must run on the GPU, not through the interpreter
 export ROLLINGQ_BENCH_JSONL="$OUT/records.jsonl"
 # A reused OUT must not lend an old report to this run's summary.
@@ -50,6 +51,11 @@ if [ -n "${ROLLINGQ_SKIP_INSTALL:-}" ]; then
 else
   "$PY" -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -n 5 || FAILED+=("install")
 fi
+
+step "precompile (every kernel the next two steps launch, in parallel, into Triton's cache)"
+timeout -s INT -k 10 "$PRECOMPILE_TIMEOUT" "$PY" bench/precompile.py 2>&1 | tail -n 12
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { echo "precompile rc=$rc: the launches compile on the clock instead"; FAILED+=("precompile(rc=$rc)"); }
 
 step "CUDA parity tests (pytest tests/ -m cuda)"
 timeout -s INT -k 15 "$PARITY_TIMEOUT" "$PY" -m pytest tests/ -q -m cuda -p no:cacheprovider 2>&1 \

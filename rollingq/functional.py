@@ -91,16 +91,25 @@ def rollingq_attention(
                                   "float16/float32, a CUDA device, or set_cpu_backend('reference')")
     from .ops import attention_fwd_op  # imports Triton only when a kernel runs
 
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    ids = modality_ids.to(torch.int32).expand(B, Lk)  # [Lk] -> stride-0 batch view, no copy
-    rows = rotate_row_mask(rotate_rows, B, Lq, q.device) if rotation is not None else None
-    rotate = rows is not None
-    rot_mask = rows.view(torch.uint8) if rotate else None
+    D = q.shape[-1]
+    ids, rot, rot_mask = kernel_arguments(q, k, modality_ids, rotation, rotate_rows)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, _, _, mass, key_sum = attention_fwd_op(
-        q, k, v, ids, num_modalities, rotation.detach().float() if rotate else None, rot_mask,
-        causal, float(D ** -0.5 if scale is None else scale), stats, needs_grad and rotate)
+        q, k, v, ids, num_modalities, rot, rot_mask, causal, float(D ** -0.5 if scale is None else scale),
+        stats, needs_grad and rot is not None)
     if not stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))
+
+
+def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tensor,
+                     rotation: Optional[torch.Tensor], rotate_rows: RotateRows):
+    """What the kernel path hands the fused op, from validated arguments: int32 ids [B, Lk] (shared
+    ids as a stride-0 batch view, no copy), the rotation in float32 [H, D, D] and a uint8 row mask
+    [B, Lq] (both None when no row is rotated). bench/launches.py drives the kernels through it too."""
+    B, _, Lq, _ = q.shape
+    ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
+    rows = rotate_row_mask(rotate_rows, B, Lq, q.device) if rotation is not None else None
+    if rows is None:
+        return ids, None, None
+    return ids, rotation.detach().float(), rows.view(torch.uint8)

@@ -1,6 +1,11 @@
 """design.md's parity rule, shared by the kernel tests."""
 import torch
 
+# (B, H, Hkv, Lq, Lk, D, causal) of the CUDA-only parity tests, forward and gradients. Also read by
+# bench/launches.py, which compiles their kernels ahead of the GPU check.
+CUDA_LARGE_SHAPES = [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
+                     (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)]
+
 
 def assert_close_by_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
                          factor: float = 2.0, slack: float = 1e-5) -> None:

@@ -58,3 +58,14 @@ def test_variants_carry_the_launch_specialisation():
             assert {"s_qm", "s_kn", "Lq", "Lk", "Q", "K"} <= set(v["divisible_by_16"])
         for v in fwd(arch, "paper_L907_D768"):
             assert v["constexprs"]["SPLIT"] and not {"Lq", "Lk"} & set(v["divisible_by_16"])  # 907 is not
+
+
+def test_precompile_jobs_land_under_the_jit_cache_key():
+    """bench/precompile.py fills Triton's cache before the GPU check. Its jobs help only if each
+    lands under the key the JIT computes at launch; recomputed through the JIT's own argument
+    binder for every launch of the check (parity tests and benchmarks, all dtypes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precompile.py"), "--verify-keys"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 launches whose precompiled kernel the JIT would not find" in proc.stdout

@@ -10,7 +10,7 @@ import rollingq
 from rollingq.functional import uses_kernel
 from rollingq.kernels import attention_fwd
 from rollingq.reference import rollingq_attention_reference
-from tests.numerics import assert_close_by_rule, stats_tol
+from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
 
 pytestmark = pytest.mark.kernel
 
@@ -165,8 +165,7 @@ def test_d_split(dtype, causal, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
-                                   (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)])
+@pytest.mark.parametrize("shape", CUDA_LARGE_SHAPES)
 def test_parity_cuda_large(dtype, shape):
     B, H, Hkv, Lq, Lk, D, causal = shape
     q, k, v, ids, rot, _ = make_case(B, H, Hkv, Lq, Lk, D, 3, dtype, seed=D + Lq)

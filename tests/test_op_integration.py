@@ -6,7 +6,7 @@ import torch
 import rollingq
 from rollingq.functional import set_cpu_backend, uses_kernel
 from rollingq.reference import rollingq_attention_reference
-from tests.numerics import assert_close_by_rule
+from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule
 
 pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,8 +50,7 @@ def test_public_function_gradients(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
-                                   (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)])
+@pytest.mark.parametrize("shape", CUDA_LARGE_SHAPES)
 def test_gradients_cuda_large(dtype, shape):
     check_gradients(dtype, *shape, seed=sum(shape[:6]))
 

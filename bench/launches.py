@@ -1,0 +1,187 @@
+"""The kernel launches of real problems, recorded on the CPU, as ahead-of-time compile jobs.
+
+A problem (shape, ids form, rotation, statistics, gradients) is run through the same argument
+preparation as `rollingq.rollingq_attention` (`functional.kernel_arguments`) and the launchers, with
+CPU tensors and the kernels replaced by recorders (kernels/aot.py). Each recorded launch becomes
+one compile job per autotune config its pruner keeps, specialised as Triton specialises it at run
+time, so a job compiles exactly the kernel a GPU would (and, compiled on that GPU's machine, lands
+under the same Triton cache key). Used by inspect_kernels.py (register and spill report) and
+precompile.py (parallel compiles before the GPU check).
+"""
+import importlib
+import os
+import sys
+from typing import List, NamedTuple, Optional
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Problem(NamedTuple):
+    name: str
+    batch: int
+    heads: int
+    kv_heads: int
+    lq: int
+    lk: int
+    head_dim: int
+    causal: bool
+    modalities: int
+    ids_per_batch: bool  # ids [B, Lk] (the tests) or shared [Lk] (the benchmarks)
+    rotate_rows: Optional[int]  # rows 0..n-1 rotated; None: no rotation
+    stats: bool
+    grad: bool  # a backward follows (the forward saves the rotated queries)
+
+
+def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True):
+    return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
+                   stats, grad)
+
+
+# The inspection set: every D class and path, the heaviest variant (rotation, statistics, backward).
+CHECK_PROBLEMS = (
+    _problem("paper_L907_D768", 1, 1, 1, 907, 907, 768, False, 3),
+    _problem("H12_L907_D64", 1, 12, 12, 907, 907, 64, False, 3),
+    _problem("H16_L4096_D128", 1, 16, 16, 4096, 4096, 128, False, 2),
+    _problem("H16_L8192_D64", 1, 16, 16, 8192, 8192, 64, False, 2),
+    _problem("H32_L8192_D128_causal", 1, 32, 32, 8192, 8192, 128, True, 2),
+    _problem("gqa_H8_Hkv2_L1024_D128_causal", 1, 8, 2, 1024, 1024, 128, True, 2),
+    _problem("H4_L2048_D256", 1, 4, 4, 2048, 2048, 256, False, 2),
+)
+
+
+def gpu_check_problems() -> List[Problem]:
+    """Every problem bench/gpu_check.sh runs: the benchmark shapes (rollingq with rotation and
+    statistics, and without, forward and fwd+bwd) and the CUDA-only parity tests. The batch is 1:
+    it changes no kernel argument, only the grid."""
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+    from bench.shapes import GPU_SHAPES, MEMORY_SHAPE
+    from tests.numerics import CUDA_LARGE_SHAPES
+
+    out = []
+    for s in GPU_SHAPES + (MEMORY_SHAPE,):
+        for stats in (True, False):
+            for grad in (False, True):
+                out.append(_problem(f"{s.name}{'' if stats else '_nostats'}{'_fwdbwd' if grad else '_fwd'}", 1,
+                                    s.heads, s.num_kv_heads, s.seq_len, s.seq_len, s.head_dim, s.causal,
+                                    s.num_modalities, rotate_rows="all" if stats else None, stats=stats, grad=grad))
+    for b, h, hkv, lq, lk, d, causal in CUDA_LARGE_SHAPES:
+        name = f"test_H{h}_Hkv{hkv}_L{lq}x{lk}_D{d}{'_causal' if causal else ''}"
+        out.append(_problem(name + "_fwd", b, h, hkv, lq, lk, d, causal, 3, per_batch=True, grad=False))
+        out.append(_problem(name + "_grad", b, h, hkv, lq, lk, d, causal, 3, per_batch=True, rotate_rows=min(4, lq)))
+    return out
+
+
+def record(p: Problem, dtype: torch.dtype) -> list:
+    """The kernel launches of one forward (and backward when p.grad) on CPU tensors, not run."""
+    from rollingq.functional import kernel_arguments
+    from rollingq.kernels import attention_bwd as bwd
+    from rollingq.kernels import attention_fwd as fwd
+    from rollingq.kernels.aot import captured_launches
+
+    q = torch.empty(p.batch, p.heads, p.lq, p.head_dim, dtype=dtype)
+    k = torch.empty(p.batch, p.kv_heads, p.lk, p.head_dim, dtype=dtype)
+    v = torch.empty_like(k)
+    ids = torch.zeros((p.batch, p.lk) if p.ids_per_batch else (p.lk,), dtype=torch.int64)
+    rotation = None if p.rotate_rows is None else torch.eye(p.head_dim).expand(p.heads, -1, -1).contiguous()
+    ids32, rot, rot_mask = kernel_arguments(q, k, ids, rotation, p.rotate_rows)
+    scale = p.head_dim ** -0.5
+    save = p.grad and rot is not None
+    with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches:
+        out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
+                                                 p.stats, save)
+    if p.grad:  # what rollingq/ops.py saves for and hands to the backward
+        q_used = q_rot.contiguous() if save else q
+        with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec:
+            bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
+                              None if rot_mask is None else rot_mask.view(torch.bool))
+        launches += rec
+    return launches
+
+
+def short_name(fn_name: str) -> str:
+    return {"_rollingq_fwd_kernel": "fwd", "_bwd_preprocess_kernel": "bwd_pre", "_bwd_dkdv_kernel": "bwd_dkdv",
+            "_bwd_dq_kernel": "bwd_dq"}.get(fn_name, fn_name)
+
+
+def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
+    """(name, fn, signature, constexprs, attrs, num_warps, num_stages) per distinct compile of the
+    problems in each dtype (names of DTYPES). `arch` plans for that card (launch paths and pruned
+    config lists); None plans for the GPU of this machine."""
+    from rollingq.kernels import common
+
+    common.TARGET_ARCH = arch
+    try:
+        seen, out = set(), []
+        for dname in dtypes:
+            for p in problems:
+                for launch in record(p, DTYPES[dname]):
+                    for cfg in launch.configs():
+                        sig, cx, attrs = launch.specialization(cfg)
+                        key = (launch.fn.__name__, tuple(sig.items()), tuple(sorted(cx.items())),
+                               repr(sorted(attrs.items())), cfg.num_warps, cfg.num_stages)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} " if "BLOCK_N" in cx else ""
+                        name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
+                        out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
+        return out
+    finally:
+        common.TARGET_ARCH = None
+
+
+def portable(job) -> tuple:
+    """A job with its kernel named by (module, function), for a worker process (kernels do not pickle)."""
+    name, fn, sig, cx, attrs, w, s = job
+    return name, (fn.fn.__module__, fn.__name__), sig, cx, attrs, w, s
+
+
+def jit_function(module: str, name: str):
+    """The JITFunction `name` of `module`, found again in a worker process."""
+    import triton
+
+    for obj in vars(importlib.import_module(module)).values():
+        fn = obj.fn if isinstance(obj, triton.runtime.autotuner.Autotuner) else obj
+        if isinstance(fn, triton.runtime.jit.JITFunction) and fn.__name__ == name:
+            return fn
+    raise LookupError(f"no kernel {name} in {module}")
+
+
+def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
+    """Launches whose compile job would land under another Triton cache key than the JIT's own
+    compile at launch (source hash: signature, constants, hints; and the options hash): recomputed
+    here through the JIT's argument binder, on the CPU. Empty when precompiling can help."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    from rollingq.kernels import common
+
+    backend = CUDABackend(GPUTarget("cuda", cap, 32))
+    bad = []
+    common.TARGET_ARCH = cap // 10 * 10
+    try:
+        for dname in dtypes:
+            for p in problems:
+                for launch in record(p, DTYPES[dname]):
+                    fn = launch.fn
+                    binder = create_function_from_signature(fn.signature, fn.params, backend)
+                    for cfg in launch.configs():
+                        # what Autotuner.run and JITFunction.run hand to the compiler
+                        kwargs = dict(launch.kwargs, **cfg.all_kwargs(), debug=False, instrumentation_mode="")
+                        bound, spec, opts = binder(*launch.args, **kwargs)
+                        options, sig, cx, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                        jit = (ASTSource(fn, sig, cx, attrs).hash(), options.hash())
+                        s2, cx2, at2 = launch.specialization(cfg)
+                        aot = (ASTSource(fn, s2, cx2, at2).hash(),
+                               backend.parse_options(dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)).hash())
+                        if jit != aot:
+                            bad.append(f"{short_name(fn.__name__)} {dname} {p.name} {cfg}")
+    finally:
+        common.TARGET_ARCH = None
+    return bad
