@@ -11,6 +11,7 @@ launch, so the launch finds it there. A job that fails or a key that does not ma
 the time spent here: the launch then compiles as it always did.
 """
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dry-run", action="store_true", help="count the jobs, compile nothing (any machine)")
+    ap.add_argument("--cap", type=int, help="compile for this compute capability (e.g. 90) even without its GPU; "
+                                            "default: this machine's GPU")
     ap.add_argument("--verify-keys", action="store_true",
                     help="check, on any machine, that every job lands under the JIT's cache key; exit 1 if not")
     a = ap.parse_args(argv)
@@ -54,15 +57,17 @@ def main(argv=None) -> int:
         return 1 if bad else 0
 
     start = time.time()
-    jobs = compile_jobs(gpu_check_problems(), a.dtypes.split(","), arch=None if torch.cuda.is_available() else 90)
-    print(f"{len(jobs)} distinct compiles ({time.time() - start:.1f} s to record)")
-    if a.dry_run or not torch.cuda.is_available():
-        if not a.dry_run:
-            print("no CUDA device: nothing compiled (the cache key needs this machine's GPU)")
+    if a.cap is None and not a.dry_run and not torch.cuda.is_available():
+        print("no CUDA device and no --cap: nothing compiled")
         return 0
-    major, minor = torch.cuda.get_device_capability()
-    cap = major * 10 + minor
-    with ProcessPoolExecutor(max_workers=a.workers) as pool:
+    cap = a.cap if a.cap is not None else (
+        (lambda mj, mn: mj * 10 + mn)(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else 90)
+    jobs = compile_jobs(gpu_check_problems(), a.dtypes.split(","), arch=90 if cap >= 90 else 80)
+    print(f"{len(jobs)} distinct compiles ({time.time() - start:.1f} s to record)")
+    if a.dry_run:
+        return 0
+    # spawn, not fork: this process has initialised CUDA, which a forked child must not inherit
+    with ProcessPoolExecutor(max_workers=a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         failures = [m for m in pool.map(_compile, [(portable(j), cap) for j in jobs]) if m]
     for m in failures:
         print(m)

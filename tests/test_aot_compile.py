@@ -69,3 +69,16 @@ def test_precompile_jobs_land_under_the_jit_cache_key():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 launches whose precompiled kernel the JIT would not find" in proc.stdout
+
+
+def test_precompile_fills_the_cache(tmp_path):
+    """The parallel compile path itself (spawned workers, kernels found again by name), for sm_90
+    without a GPU; fp32 only, the smallest set."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precompile.py"), "--cap", "90",
+                           "--dtypes", "fp32"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = int(proc.stdout.split(" distinct compiles")[0].split()[-1])
+    assert jobs > 10 and f"compiled {jobs} of {jobs} for sm_90" in proc.stdout, proc.stdout
+    assert len(list(tmp_path.iterdir())) >= jobs  # one cache entry per compiled kernel
