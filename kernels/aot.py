@@ -28,18 +28,22 @@ def _tool(name: str) -> str:
 class Launch:
     """One kernel launch as the launcher issued it: the autotuned kernel and its arguments."""
 
-    def __init__(self, kernel, args, kwargs):
-        self.kernel, self.args, self.kwargs = kernel, args, kwargs
+    def __init__(self, kernel, args, kwargs, grid=None):
+        self.kernel, self.args, self.kwargs, self.grid = kernel, args, kwargs, grid
+
+    def grid_for(self, config) -> tuple:
+        """The launch grid under one config (a grid may depend on its block sizes)."""
+        return self.grid(dict(self.kwargs, **config.kwargs)) if callable(self.grid) else tuple(self.grid)
 
     @property
     def fn(self) -> "triton.runtime.jit.JITFunction":
-        return self.kernel if isinstance(self.kernel, triton.runtime.jit.JITFunction) else self.kernel.fn
+        return self.kernel.fn if isinstance(self.kernel, triton.runtime.autotuner.Autotuner) else self.kernel
 
     def configs(self) -> List["triton.Config"]:
         """The configs this launch can run: those the autotuner's pruner keeps for these arguments,
         or for a plain `@triton.jit` kernel its launch options (Triton's defaults when absent)."""
         at = self.kernel
-        if isinstance(at, triton.runtime.jit.JITFunction):
+        if not isinstance(at, triton.runtime.autotuner.Autotuner):
             return [triton.Config({}, num_warps=self.kwargs.get("num_warps", 4),
                                   num_stages=self.kwargs.get("num_stages", 3))]
         if at.early_config_prune is None:
@@ -74,7 +78,7 @@ class _Recorder:
         self.kernel, self.sink = kernel, sink
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs, grid))
 
 
 @contextlib.contextmanager

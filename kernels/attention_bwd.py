@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
+from .grid import launch_grid, program_ids
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 256  # dQ: larger heads take the split path (tests lower it)
@@ -71,12 +72,12 @@ _IEEE_DKDV = {
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2)],
-    "ieee-split": [(16, 32, 8, 2)],
+    "ieee-split": [(16, 16, 4, 2)],
 }
 _DKDV_TABLE = {
     90: {
         64: [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)],
-        128: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
+        128: [(32, 128, 8, 2), (32, 64, 8, 2)],
         256: [(16, 64, 8, 2), (32, 64, 8, 2)],
         "split": [(16, 64, 8, 2), (32, 64, 8, 2)],
         **_IEEE_DKDV,
@@ -145,10 +146,8 @@ def _bwd_preprocess_kernel(
     H, Lq,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, _, h, b = program_ids(1)
+    h = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
     o_base = O + b * s_ob + h * s_oh
@@ -183,12 +182,8 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    hkv_count = H // GROUP
-    b = (pid_bh // hkv_count).to(tl.int64)
-    hkv = (pid_bh % hkv_count).to(tl.int64)
+    pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
+    hkv = hkv.to(tl.int64)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dt = Q.dtype.element_ty
 
@@ -288,11 +283,8 @@ def _bwd_dq_kernel(
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
+    h = h.to(tl.int64)
     hkv = h // GROUP
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dt = Q.dtype.element_ty
@@ -509,7 +501,7 @@ def attention_bwd(
 
     delta = _empty(B, H, Lq, device=dev, dtype=torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, PRE_BLOCK_M), B * H)](
+    _bwd_preprocess_kernel[launch_grid(triton.cdiv(Lq, PRE_BLOCK_M), 1, H, B)](
         out, do, delta, *out.stride(), *do.stride(), H, Lq,
         HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M,
     )
@@ -518,7 +510,7 @@ def attention_bwd(
     dv = _empty(B, Hkv, Lk, D, device=dev, dtype=v.dtype)
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
-    _bwd_dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv, n_dv)](
+    _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
         q_rot, k, v, do, lse, delta, ids, dk, dv,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ids.stride(0), ids.stride(1),
@@ -537,7 +529,7 @@ def attention_bwd(
     else:
         rot = delta  # never read: ROTATE is a constexpr False
         rm = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
-    _bwd_dq[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_dv)](
+    _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),

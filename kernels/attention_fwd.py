@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
+from .grid import launch_grid, program_ids
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
@@ -46,7 +47,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (128, 16, 8, 1)],
         ("fp32", 64): [(32, 32, 4, 2)],
-        ("fp32", 128): [(32, 32, 8, 2)],
+        ("fp32", 128): [(32, 32, 8, 1)],
         ("fp32", 256): [(32, 16, 8, 1)],
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
@@ -119,11 +120,7 @@ def _rollingq_fwd_kernel(
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_SPLIT: tl.constexpr, KS_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
     hkv = (h // GROUP).to(tl.int64)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dt = Q.dtype.element_ty
@@ -304,7 +301,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     n_dv = triton.cdiv(D, block_dv)
 
     def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_dv)
+        return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)
 
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,

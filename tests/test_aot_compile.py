@@ -82,3 +82,23 @@ def test_precompile_fills_the_cache(tmp_path):
     jobs = int(proc.stdout.split(" distinct compiles")[0].split()[-1])
     assert jobs > 10 and f"compiled {jobs} of {jobs} for sm_90" in proc.stdout, proc.stdout
     assert len(list(tmp_path.iterdir())) >= jobs  # one cache entry per compiled kernel
+
+
+def test_launch_grids_fit_cuda_limits():
+    """CUDA caps grid dimensions 1 and 2 at 65535; batch * heads alone passes that for many short
+    sequences. Every launch of a fwd+bwd step with B * H = 80000 must stay within the limits."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from launches import _problem, record
+
+    import torch
+    from rollingq.kernels.grid import MAX_GRID_YZ, launch_grid
+
+    launches = record(_problem("many_heads", 40000, 2, 2, 20, 20, 16, True, 2), torch.float32)
+    assert {launch.fn.__name__ for launch in launches} == {
+        "_rollingq_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for launch in launches:
+        for cfg in launch.configs():
+            x, y, z = launch.grid_for(cfg)
+            assert x < 2**31 and y <= MAX_GRID_YZ and z <= MAX_GRID_YZ and y * z == 80000, (launch.fn.__name__, x, y, z)
+    with pytest.raises(ValueError, match="batch .70000. and heads .2. must each be at most 65535"):
+        launch_grid(1, 1, 2, 70000)
