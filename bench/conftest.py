@@ -17,6 +17,7 @@ if str(BENCH_DIR) not in sys.path:  # shapes.py / peers.py import each other by 
     sys.path.insert(0, str(BENCH_DIR))
 
 JSONL_ENV = "ROLLINGQ_BENCH_JSONL"
+AUTOTUNE_ENV = "ROLLINGQ_AUTOTUNE_JSONL"  # where autotune_log.py appends each tuning decision
 # Time the kernels, not the argument checks' host sync (peers validate nothing either); that sync is
 # a separate, documented cost a user can switch off the same way.
 os.environ.setdefault("ROLLINGQ_CHECK_VALUES", "0")
@@ -27,6 +28,20 @@ def pytest_report_header(config):
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     return f"rollingq bench: {card}, torch {torch.__version__}, triton {triton.__version__}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def autotune_log():
+    """With ROLLINGQ_AUTOTUNE_JSONL set (gpu_check.sh sets it), log every autotuning decision."""
+    path = os.environ.get(AUTOTUNE_ENV)
+    if not path:
+        yield
+        return
+    import autotune_log as log
+
+    undo = log.install(path)
+    yield
+    undo()
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ PARITY_TIMEOUT="${PARITY_TIMEOUT:-130}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-220}"
 unset TRITON_INTERPRET  # the kernels must run on the GPU, not through the interpreter
 export ROLLINGQ_BENCH_JSONL="$OUT/records.jsonl"
+export ROLLINGQ_AUTOTUNE_JSONL="$OUT/autotune.jsonl"  # every config's time per autotune key (bench step)
 # A reused OUT must not lend an old report to this run's summary.
-rm -f "$ROLLINGQ_BENCH_JSONL" "$OUT"/{bench.json,results.json,table.md,parity.log,bench.log}
+rm -f "$ROLLINGQ_BENCH_JSONL" "$ROLLINGQ_AUTOTUNE_JSONL" "$OUT"/{bench.json,results.json,table.md,parity.log,bench.log}
 START=$SECONDS
 declare -a FAILED=()
 

@@ -350,3 +350,45 @@ def test_pytest_bench_passes_on_cpu(tmp_path):
     assert "CUDA not available" in proc.stdout
     kinds = [b["extra_info"].get("kind") for b in json.loads(report.read_text())["benchmarks"]]
     assert kinds == ["cpu_smoke"]
+
+
+def test_autotune_log_records_every_decision(tmp_path):
+    """bench/autotune_log.py appends one line per new autotune key: each config's median time
+    (None for a config that failed) and the winner; a cached key adds nothing."""
+    import triton
+    import triton.language as tl
+
+    import autotune_log
+
+    @triton.jit
+    def _copy(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+    fake_ms = {16: [2.0, 1.9, 2.1], 32: [float("inf")] * 3, 64: [1.5, 1.4, 1.6]}
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK": b}) for b in fake_ms], key=["n"],
+        do_bench=lambda fn, quantiles: fake_ms[current[0]])(_copy)
+    current = [None]
+    original_bench = tuned._bench
+
+    def bench(*args, config, **meta):  # which config do_bench is timing
+        current[0] = config.kwargs["BLOCK"]
+        return original_bench(*args, config=config, **meta)
+
+    tuned._bench = bench
+    path = tmp_path / "autotune.jsonl"
+    undo = autotune_log.install(str(path))
+    try:
+        x = torch.arange(100, dtype=torch.float32)
+        for n in (100, 100, 50):  # the second call hits the cache
+            y = torch.zeros(100)
+            tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, n)
+            assert torch.equal(y[:n], x[:n])
+    finally:
+        undo()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["key"][0] for r in lines] == ["100", "50"]
+    for r in lines:
+        assert r["kernel"] == "_copy" and "BLOCK: 64" in r["best"]
+        assert sorted(r["ms"].values(), key=lambda v: (v is None, v)) == [1.5, 2.0, None]
