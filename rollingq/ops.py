@@ -3,7 +3,7 @@
 Registering them as ops (rather than a bare autograd.Function) lets `torch.compile(fullgraph=True)`
 trace models that use them: the compiler sees an opaque op with known output shapes.
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
