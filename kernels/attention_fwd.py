@@ -31,21 +31,20 @@ SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and pre-Hopper cards: 256 wide sp
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
-FORCE_MASS_SPLIT = False  # tests set it to run bf16's two-term mass dot with fp16 (interpreter) inputs
+FORCE_MASS_F16 = False  # tests set it to run bf16's fp16 mass branch with fp16 (interpreter) inputs
 
 
 # Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,
 # num_stages). Every entry compiles for its target (sm_90: H100/H200; sm_80: A100, also used for
 # other pre-Hopper cards) without register spills and within shared memory, as checked by
 # bench/inspect_kernels.py (and tests/test_aot_compile.py) on the launches of real shapes; the
-# next wider tiles spill (e.g. BN 128 at D 128 and BN 64 on the split path on sm_90, with statistics
-# and rotation on).
+# next wider tiles spill (e.g. BN 128 at D 128 on sm_90, with statistics and rotation on).
 FWD_CONFIGS_BY_ARCH = {
     90: {
         ("16bit", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
-        ("16bit", 128): [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+        ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
-        ("16bit", "split"): [(64, 32, 8, 1), (128, 16, 8, 1)],
+        ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 1)],
         ("fp32", 256): [(32, 16, 8, 1)],
@@ -117,7 +116,7 @@ def _rollingq_fwd_kernel(
     NUM_DC: tl.constexpr,  # number of D chunks in the score loop (1 on the single path)
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_SPLIT: tl.constexpr, KS_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
 ):
     pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -206,13 +205,15 @@ def _rollingq_fwd_kernel(
         p_dt = p.to(dt)
         acc = tl.dot(p_dt, v, acc * alpha[:, None], input_precision=prec)
         if STATS:
-            onehot = (ids[:, None] == mod[None, :]).to(dt)
-            mass = tl.dot(p_dt, onehot, mass * alpha[:, None], input_precision=prec)
-            if MASS_SPLIT:
-                # bf16 keeps 8 bits of p: too coarse for the mass bound. Add the rounding residue
-                # as a second bf16 term (p = hi + lo to ~16 bits): cheaper in registers than a
-                # tf32 dot, which needs p as an fp32 operand next to the bf16 one of p @ v.
-                mass = tl.dot((p - p_dt.to(tl.float32)).to(dt), onehot, mass, input_precision=prec)
+            if MASS_F16:
+                # bf16 inputs: p rounded to bf16 (8 bits) misses the mass bound; fp16 (11 bits,
+                # p <= 1) meets it, as on fp16 inputs. One cvt per element and a 16-bit operand:
+                # fewer instructions than p = hi + lo in two bf16 dots, fewer registers than tf32.
+                onehot = (ids[:, None] == mod[None, :]).to(tl.float16)
+                mass = tl.dot(p.to(tl.float16), onehot, mass * alpha[:, None], input_precision=prec)
+            else:
+                onehot = (ids[:, None] == mod[None, :]).to(dt)
+                mass = tl.dot(p_dt, onehot, mass * alpha[:, None], input_precision=prec)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -311,7 +312,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         scale * 1.4426950408889634,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
-        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_SPLIT=q.dtype == torch.bfloat16 or FORCE_MASS_SPLIT, KS_N=KS_BLOCK, RC=ROT_CHUNK,
+        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum
