@@ -111,11 +111,10 @@ def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
     """(name, fn, signature, constexprs, attrs, num_warps, num_stages) per distinct compile of the
     problems in each dtype (names of DTYPES). `arch` plans for that card (launch paths and pruned
     config lists); None plans for the GPU of this machine."""
-    from rollingq.kernels import common
+    from rollingq.kernels.common import planning_for
 
-    common.TARGET_ARCH = arch
-    try:
-        seen, out = set(), []
+    seen, out = set(), []
+    with planning_for(arch):
         for dname in dtypes:
             for p in problems:
                 for launch in record(p, DTYPES[dname]):
@@ -129,9 +128,7 @@ def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
                         tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} " if "BLOCK_N" in cx else ""
                         name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
                         out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
-        return out
-    finally:
-        common.TARGET_ARCH = None
+    return out
 
 
 def portable(job) -> tuple:
@@ -160,12 +157,11 @@ def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    from rollingq.kernels import common
+    from rollingq.kernels.common import planning_for
 
     backend = CUDABackend(GPUTarget("cuda", cap, 32))
     bad = []
-    common.TARGET_ARCH = cap // 10 * 10
-    try:
+    with planning_for(cap // 10 * 10):
         for dname in dtypes:
             for p in problems:
                 for launch in record(p, DTYPES[dname]):
@@ -182,6 +178,4 @@ def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
                                backend.parse_options(dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)).hash())
                         if jit != aot:
                             bad.append(f"{short_name(fn.__name__)} {dname} {p.name} {cfg}")
-    finally:
-        common.TARGET_ARCH = None
     return bad

@@ -4,6 +4,10 @@ Triton compiles for sm_90 / sm_80 without a device; ptxas (shipped inside Triton
 registers and spills, and cuobjdump's SASS shows whether Hopper's HGMMA (wgmma) instructions are
 there. Catches what the interpreter cannot: compile errors, shared memory over the card's limit,
 register spills. Must run with TRITON_INTERPRET unset (the interpreter replaces the compiler).
+
+What to compile comes from real launches: `captured_launches` swaps a module's kernels for
+recorders while a launcher runs on CPU tensors, and `Launch.specialization` derives the signature,
+constants and divisibility hints as Triton's JIT does at launch (bench/launches.py drives it).
 """
 import contextlib
 import os

@@ -1,4 +1,5 @@
 """Small host-side helpers shared by the forward and backward launchers."""
+import contextlib
 import os
 
 
@@ -24,3 +25,14 @@ def target_arch() -> int:
     if torch.cuda.is_available():
         return 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
     return 90
+
+
+@contextlib.contextmanager
+def planning_for(arch):
+    """Within the block the launchers and pruners plan for `arch` (None: this machine's GPU)."""
+    global TARGET_ARCH
+    saved, TARGET_ARCH = TARGET_ARCH, arch
+    try:
+        yield
+    finally:
+        TARGET_ARCH = saved
