@@ -32,6 +32,7 @@ KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer 
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
 FORCE_MASS_F16 = False  # tests set it to run bf16's fp16 mass branch with fp16 (interpreter) inputs
+USE_TMA = True  # K/V through tensor descriptors where the layout allows (sm_90+); tests turn it off
 
 
 # Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,
@@ -41,7 +42,7 @@ FORCE_MASS_F16 = False  # tests set it to run bf16's fp16 mass branch with fp16 
 # next wider tiles spill (e.g. BN 128 at D 128 on sm_90, with statistics and rotation on).
 FWD_CONFIGS_BY_ARCH = {
     90: {
-        ("16bit", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
+        ("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)],
         ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
@@ -117,6 +118,7 @@ def _rollingq_fwd_kernel(
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
+    TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
 ):
     pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -169,6 +171,13 @@ def _rollingq_fwd_kernel(
     mass = tl.zeros([BLOCK_M, MP], tl.float32)
     mod = tl.arange(0, MP)
 
+    if TMA:
+        # The copy engine fetches whole tiles (zero-filled past Lk and HEAD_D): no per-element
+        # addresses or masks in registers. Only the single path: it needs BLOCK_DV == BLOCK_D.
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[s_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[s_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     hi = Lk
     if CAUSAL:
         hi = (pid_m + 1) * BLOCK_M  # Lq == Lk, so only the last query block overshoots; masks cover it
@@ -186,6 +195,8 @@ def _rollingq_fwd_kernel(
                 kc = tl.load(k_base + offs_n[None, :] * s_kn + offs_c[:, None] * s_kd,
                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
                 s = tl.dot(qc, kc, s, input_precision=prec)
+        elif TMA:
+            s = tl.dot(q, k_desc.load([start_n, 0]).T, input_precision=prec)
         else:
             kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
@@ -200,8 +211,11 @@ def _rollingq_fwd_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        if TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         p_dt = p.to(dt)
         acc = tl.dot(p_dt, v, acc * alpha[:, None], input_precision=prec)
         if STATS:
@@ -256,6 +270,27 @@ def _d_plan(d: int, split: bool, ieee: bool, arch: int):
     return SPLIT_D_CHUNK, dv, triton.cdiv(d, SPLIT_D_CHUNK)
 
 
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A tensor descriptor needs a unit innermost stride and 16-byte aligned base and strides
+    (tiles of [Lk, D] at t's (batch, head) offsets); other layouts take the pointer path."""
+    e = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((st * e) % 16 == 0 for st in t.stride()[:-1])
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Descriptors built in the kernel live in a per-launch global scratch buffer that Triton asks
+    an allocator for. Install one backed by PyTorch's caching allocator, unless the caller has
+    set their own (Triton keeps it per thread: autograd's worker threads start without one)."""
+    from triton.runtime import _allocation  # Triton 3.6: no public getter for the allocator
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _new(shape, device, dtype) -> torch.Tensor:
     """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -304,6 +339,10 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     def grid(meta):
         return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)
 
+    # fp32 (FMA dots) spills registers with descriptor tiles: it keeps the pointer path
+    tma = USE_TMA and not split and arch >= 90 and q.dtype != torch.float32 and _tma_ready(k) and _tma_ready(v)
+    if tma and q.is_cuda:
+        _ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -313,6 +352,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
         SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
+        TMA=tma,
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum

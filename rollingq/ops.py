@@ -3,6 +3,7 @@
 Registering them as ops (rather than a bare autograd.Function) lets `torch.compile(fullgraph=True)`
 trace models that use them: the compiler sees an opaque op with known output shapes.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -12,6 +13,12 @@ from .kernels.attention_fwd import rollingq_fwd
 _EMPTY = (0,)
 
 
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:1 while
+    the current device is cuda:0), as PyTorch's own ops do."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("rollingq::attention_fwd", mutates_args=())
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, num_modalities: int,
@@ -19,8 +26,9 @@ def attention_fwd_op(
     stats: bool, save_qrot: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, q_rot, attn_mass, key_sum); the last three are empty when not requested."""
-    out, lse, q_rot, mass, key_sum = rollingq_fwd(
-        q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot)
+    with _device_of(q):
+        out, lse, q_rot, mass, key_sum = rollingq_fwd(
+            q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot)
     if q_rot is None:
         q_rot = q.new_empty(_EMPTY)
     elif q_rot.data_ptr() == q.data_ptr():
@@ -54,7 +62,8 @@ def attention_bwd_op(
     from .kernels.attention_bwd import attention_bwd
 
     mask = None if rot_mask is None else rot_mask.view(torch.bool)
-    return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask)
+    with _device_of(q_rot):
+        return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask)
 
 
 @attention_bwd_op.register_fake

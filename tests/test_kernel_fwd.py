@@ -73,7 +73,11 @@ def check(q, k, v, ids, M, rot, rotate_rows, causal=False, scale=None, stats=Tru
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("gqa", [False, True])
-def test_parity_core(dtype, causal, gqa):
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_parity_core(dtype, causal, gqa, tma, monkeypatch):
+    """Both ways of fetching K/V tiles: tensor descriptors (taken where the layout allows) and
+    per-element pointers (other layouts, and cards before sm_90)."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
     H, Hkv = (4, 2) if gqa else (2, 2)
     q, k, v, ids, rot, _ = make_case(2, H, Hkv, 37, 37, 24, 3, dtype, seed=hash((str(dtype), causal, gqa)) % 10000)
     check(q, k, v, ids, 3, rot, rotate_rows=5, causal=causal)
@@ -197,3 +201,21 @@ def test_bf16_mass_branch(monkeypatch):
     monkeypatch.setattr(attention_fwd, "FORCE_MASS_F16", True)
     q, k, v, ids, rot, _ = make_case(2, 4, 2, 150, 150, 32, 3, torch.float16, seed=77)
     check(q, k, v, ids, 3, rot, rotate_rows=40, causal=True)
+
+
+def test_descriptor_eligibility():
+    """Tensor descriptors need a unit innermost stride and 16-byte aligned base and strides; any
+    other layout must take the pointer path (a descriptor over it would read wrong addresses)."""
+    ready = attention_fwd._tma_ready
+    k = torch.empty(2, 3, 40, 24, dtype=torch.float16)
+    assert ready(k) and ready(k.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not ready(torch.empty(2, 3, 40, 20, dtype=torch.float16))  # rows of 40 bytes
+    assert not ready(k[..., 1:])  # base off by 2 bytes
+    assert not ready(torch.empty(2, 3, 24, 40, dtype=torch.float16).transpose(-1, -2))  # D not innermost
+
+
+def test_unaligned_head_dim_takes_pointers():
+    """D 20 in fp16 (40-byte rows): the launcher falls back to pointer loads, with parity."""
+    q, k, v, ids, rot, _ = make_case(2, 2, 1, 29, 29, 20, 3, torch.float16, seed=5)
+    assert not attention_fwd._tma_ready(k)
+    check(q, k, v, ids, 3, rot, rotate_rows=7, causal=True)

@@ -168,3 +168,19 @@ def test_opcheck(dtype, rotate, stats, strided):
     q_used = q_rot if rotate else q
     torch.library.opcheck(ops.attention_bwd_op, (do, q_used.detach(), k.detach(), v.detach(), out.detach(), lse,
                                                  ids, True, D ** -0.5, rot, mask))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_other_than_the_current_one():
+    """Triton launches on the current device; the ops switch to the tensors' device first."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 64, 32, generator=gen).to("cuda:1", torch.float16).requires_grad_() for _ in range(3))
+    ids = torch.randint(0, 2, (64,), generator=gen).to("cuda:1")
+    rot = torch.linalg.qr(torch.randn(2, 32, 32, generator=gen))[0].to("cuda:1")
+    with torch.cuda.device(0):
+        out, st = rollingq.rollingq_attention(q, k, v, ids, 2, rotation=rot, rotate_rows=64)
+        out.float().sum().backward()
+    ref, _ = rollingq_attention_reference(q.double(), k.double(), v.double(), ids, 2, rot.double(), 64, stats=False)
+    assert out.device == q.grad.device == torch.device("cuda:1")
+    assert (out.double() - ref).abs().max().item() < 1e-2 and torch.isfinite(q.grad).all()
