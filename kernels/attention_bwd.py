@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
+from .tma import ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 256  # dQ: larger heads take the split path (tests lower it)
@@ -54,6 +55,7 @@ ROT_CHUNK_IEEE = 16  # the same for fp32 inputs
 PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
 PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (bounds its registers)
 
+USE_TMA = True  # Q/dO and K/V tiles through tensor descriptors where possible; tests turn it off
 _LOG2E = 1.4426950408889634
 _empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
 
@@ -180,6 +182,7 @@ def _bwd_dkdv_kernel(
     BLOCK_DV: tl.constexpr,  # dk/dv columns per program
     NUM_DC: tl.constexpr,  # reduction chunks per score (1 on the single path)
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr,  # Q/dO tiles through tensor descriptors (single path only; kernels/tma.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -218,6 +221,11 @@ def _bwd_dkdv_kernel(
         q_base = Q + b * s_qb + h * s_qh
         do_base = DO + b * s_db + h * s_dh
         row_base = (b * H + h) * Lq
+        if TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_D], strides=[s_qm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_base, shape=[Lq, HEAD_D], strides=[s_dm, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < Lq
@@ -242,9 +250,13 @@ def _bwd_dkdv_kernel(
                 q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_dv[None, :] * s_qd, mask=o_msk, other=0.0)
                 do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_dv[None, :] * s_dd, mask=o_msk, other=0.0)
             else:
-                msk = m_ok[:, None] & d_ok[None, :]
-                q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=msk, other=0.0)
-                do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
+                if TMA:
+                    q_o = q_desc.load([start_m, 0])
+                    do_o = do_desc.load([start_m, 0])
+                else:
+                    msk = m_ok[:, None] & d_ok[None, :]
+                    q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=msk, other=0.0)
+                    do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
                 st = tl.dot(k, tl.trans(q_o), input_precision=prec)
                 dpt = tl.dot(v, tl.trans(do_o), input_precision=prec)
             # lse = +inf on rows with no live key (and past Lq): p = exp2(s - inf) = 0 there.
@@ -281,6 +293,7 @@ def _bwd_dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
+    TMA: tl.constexpr,  # K/V tiles through tensor descriptors (single path only; kernels/tma.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -310,6 +323,11 @@ def _bwd_dq_kernel(
         q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=msk, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
 
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[s_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[s_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     hi = Lk
     if CAUSAL:
@@ -337,9 +355,13 @@ def _bwd_dq_kernel(
             k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_dv[None, :] * s_kd,
                           mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
-            kv_msk = n_ok[:, None] & d_ok[None, :]
-            k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_msk, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_msk, other=0.0)
+            if TMA:
+                k_o = k_desc.load([start_n, 0])
+                v = v_desc.load([start_n, 0])
+            else:
+                kv_msk = n_ok[:, None] & d_ok[None, :]
+                k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_msk, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_msk, other=0.0)
             s = tl.dot(q, tl.trans(k_o), input_precision=prec)
             dp = tl.dot(do, tl.trans(v), input_precision=prec)
         vis = m_ok[:, None] & (ids[None, :] >= 0)
@@ -506,6 +528,13 @@ def attention_bwd(
         HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M,
     )
 
+    # Tensor descriptors (Hopper, 16-bit, aligned layouts): dK/dV streams q_rot and do, dQ streams k and v.
+    tma_ok = USE_TMA and not ieee and target_arch() >= 90
+    tma_dkdv = tma_ok and tma_ready(q_rot, do)
+    tma_dq = tma_ok and tma_ready(k, v)
+    if (tma_dkdv or tma_dq) and dev.type == "cuda":
+        ensure_scratch_allocator()
+
     dk = _empty(B, Hkv, Lk, D, device=dev, dtype=k.dtype)
     dv = _empty(B, Hkv, Lk, D, device=dev, dtype=v.dtype)
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
@@ -516,7 +545,7 @@ def attention_bwd(
         ids.stride(0), ids.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee,
+        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split,
     )
 
     dq = _empty(B, H, Lq, D, device=dev, dtype=q_rot.dtype)
@@ -536,6 +565,7 @@ def attention_bwd(
         H, Lq, Lk, group, float(scale), qk_scale,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+        TMA=tma_dq and not split,
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
+from .tma import ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
@@ -270,27 +271,6 @@ def _d_plan(d: int, split: bool, ieee: bool, arch: int):
     return SPLIT_D_CHUNK, dv, triton.cdiv(d, SPLIT_D_CHUNK)
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    """A tensor descriptor needs a unit innermost stride and 16-byte aligned base and strides
-    (tiles of [Lk, D] at t's (batch, head) offsets); other layouts take the pointer path."""
-    e = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((st * e) % 16 == 0 for st in t.stride()[:-1])
-
-
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_scratch_allocator() -> None:
-    """Descriptors built in the kernel live in a per-launch global scratch buffer that Triton asks
-    an allocator for. Install one backed by PyTorch's caching allocator, unless the caller has
-    set their own (Triton keeps it per thread: autograd's worker threads start without one)."""
-    from triton.runtime import _allocation  # Triton 3.6: no public getter for the allocator
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
 def _new(shape, device, dtype) -> torch.Tensor:
     """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -340,9 +320,9 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)
 
     # fp32 (FMA dots) spills registers with descriptor tiles: it keeps the pointer path
-    tma = USE_TMA and not split and arch >= 90 and q.dtype != torch.float32 and _tma_ready(k) and _tma_ready(v)
+    tma = USE_TMA and not split and arch >= 90 and q.dtype != torch.float32 and tma_ready(k, v)
     if tma and q.is_cuda:
-        _ensure_scratch_allocator()
+        ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

@@ -116,8 +116,11 @@ def _qkv(b, h, hkv, lq, lk, d, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_bwd_parity_core(dtype, heads, causal):
-    """fp16/fp32 x MHA/GQA x causal: shared ids with padding, first 13 rows rotated, D = 24."""
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_bwd_parity_core(dtype, heads, causal, tma, monkeypatch):
+    """fp16/fp32 x MHA/GQA x causal: shared ids with padding, first 13 rows rotated, D = 24; tiles
+    fetched through tensor descriptors (fp16 here; fp32 always uses pointers) and through pointers."""
+    monkeypatch.setattr(bwd, "USE_TMA", tma)
     gen = torch.Generator().manual_seed(_seed(dtype, heads, causal))
     h, hkv = heads
     q, k, v, do = _qkv(2, h, hkv, 37, 37, 24, dtype, gen)

@@ -206,7 +206,8 @@ def test_bf16_mass_branch(monkeypatch):
 def test_descriptor_eligibility():
     """Tensor descriptors need a unit innermost stride and 16-byte aligned base and strides; any
     other layout must take the pointer path (a descriptor over it would read wrong addresses)."""
-    ready = attention_fwd._tma_ready
+    from rollingq.kernels.tma import tma_ready as ready
+
     k = torch.empty(2, 3, 40, 24, dtype=torch.float16)
     assert ready(k) and ready(k.transpose(1, 2).contiguous().transpose(1, 2))
     assert not ready(torch.empty(2, 3, 40, 20, dtype=torch.float16))  # rows of 40 bytes
@@ -217,5 +218,7 @@ def test_descriptor_eligibility():
 def test_unaligned_head_dim_takes_pointers():
     """D 20 in fp16 (40-byte rows): the launcher falls back to pointer loads, with parity."""
     q, k, v, ids, rot, _ = make_case(2, 2, 1, 29, 29, 20, 3, torch.float16, seed=5)
-    assert not attention_fwd._tma_ready(k)
+    from rollingq.kernels.tma import tma_ready
+
+    assert not tma_ready(k)
     check(q, k, v, ids, 3, rot, rotate_rows=7, causal=True)
