@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
-from .tma import ensure_scratch_allocator, tma_ready
+from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 256  # dQ: larger heads take the split path (tests lower it)
@@ -55,7 +55,7 @@ ROT_CHUNK_IEEE = 16  # the same for fp32 inputs
 PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
 PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (bounds its registers)
 
-USE_TMA = True  # Q/dO and K/V tiles through tensor descriptors where possible; tests turn it off
+USE_TMA = enabled_by_default()  # descriptor tiles where possible (kernels/tma.py); off: tests, ROLLINGQ_TMA=0
 _LOG2E = 1.4426950408889634
 _empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
-from .tma import ensure_scratch_allocator, tma_ready
+from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
 MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
@@ -33,7 +33,7 @@ KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer 
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
 FORCE_MASS_F16 = False  # tests set it to run bf16's fp16 mass branch with fp16 (interpreter) inputs
-USE_TMA = True  # K/V through tensor descriptors where the layout allows (sm_90+); tests turn it off
+USE_TMA = enabled_by_default()  # descriptor tiles where possible (kernels/tma.py); off: tests, ROLLINGQ_TMA=0
 
 
 # Autotune lists per GPU generation and (precision, head-dim class): (BLOCK_M, BLOCK_N, num_warps,

@@ -5,8 +5,15 @@ built in the kernel (`tl.make_tensor_descriptor`); the copy engine then does the
 zero-fills past the tensor's edges. A descriptor needs a unit innermost stride and 16-byte aligned
 base and strides; any other layout takes the kernels' pointer path.
 """
+import os
+
 import torch
 import triton
+
+
+def enabled_by_default() -> bool:
+    """ROLLINGQ_TMA=0 turns the descriptor path off (an A/B switch for benchmarks; no effect on results)."""
+    return os.environ.get("ROLLINGQ_TMA", "1") != "0"
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
