@@ -107,27 +107,34 @@ def short_name(fn_name: str) -> str:
             "_bwd_dq_kernel": "bwd_dq"}.get(fn_name, fn_name)
 
 
-def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
-    """(name, fn, signature, constexprs, attrs, num_warps, num_stages) per distinct compile of the
-    problems in each dtype (names of DTYPES). `arch` plans for that card (launch paths and pruned
-    config lists); None plans for the GPU of this machine."""
+def _launch_configs(problems, dtypes, arch: Optional[int]):
+    """(dtype name, problem, launch, config) for every config each recorded launch can run,
+    planned for `arch` (None: this machine's GPU)."""
     from rollingq.kernels.common import planning_for
 
-    seen, out = set(), []
     with planning_for(arch):
         for dname in dtypes:
             for p in problems:
                 for launch in record(p, DTYPES[dname]):
                     for cfg in launch.configs():
-                        sig, cx, attrs = launch.specialization(cfg)
-                        key = (launch.fn.__name__, tuple(sig.items()), tuple(sorted(cx.items())),
-                               repr(sorted(attrs.items())), cfg.num_warps, cfg.num_stages)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} " if "BLOCK_N" in cx else ""
-                        name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
-                        out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
+                        yield dname, p, launch, cfg
+
+
+def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
+    """(name, fn, signature, constexprs, attrs, num_warps, num_stages) per distinct compile of the
+    problems in each dtype (names of DTYPES). `arch` plans for that card (launch paths and pruned
+    config lists); None plans for the GPU of this machine."""
+    seen, out = set(), []
+    for dname, p, launch, cfg in _launch_configs(problems, dtypes, arch):
+        sig, cx, attrs = launch.specialization(cfg)
+        key = (launch.fn.__name__, tuple(sig.items()), tuple(sorted(cx.items())),
+               repr(sorted(attrs.items())), cfg.num_warps, cfg.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} " if "BLOCK_N" in cx else ""
+        name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
+        out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
     return out
 
 
@@ -157,25 +164,21 @@ def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    from rollingq.kernels.common import planning_for
+    from rollingq.kernels.aot import aot_options
 
     backend = CUDABackend(GPUTarget("cuda", cap, 32))
     bad = []
-    with planning_for(cap // 10 * 10):
-        for dname in dtypes:
-            for p in problems:
-                for launch in record(p, DTYPES[dname]):
-                    fn = launch.fn
-                    binder = create_function_from_signature(fn.signature, fn.params, backend)
-                    for cfg in launch.configs():
-                        # what Autotuner.run and JITFunction.run hand to the compiler
-                        kwargs = dict(launch.kwargs, **cfg.all_kwargs(), debug=False, instrumentation_mode="")
-                        bound, spec, opts = binder(*launch.args, **kwargs)
-                        options, sig, cx, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-                        jit = (ASTSource(fn, sig, cx, attrs).hash(), options.hash())
-                        s2, cx2, at2 = launch.specialization(cfg)
-                        aot = (ASTSource(fn, s2, cx2, at2).hash(),
-                               backend.parse_options(dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)).hash())
-                        if jit != aot:
-                            bad.append(f"{short_name(fn.__name__)} {dname} {p.name} {cfg}")
+    for dname, p, launch, cfg in _launch_configs(problems, dtypes, cap // 10 * 10):
+        fn = launch.fn
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        # what Autotuner.run and JITFunction.run hand to the compiler
+        kwargs = dict(launch.kwargs, **cfg.all_kwargs(), debug=False, instrumentation_mode="")
+        bound, spec, opts = binder(*launch.args, **kwargs)
+        options, sig, cx, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        jit = (ASTSource(fn, sig, cx, attrs).hash(), options.hash())
+        s2, cx2, at2 = launch.specialization(cfg)
+        aot = (ASTSource(fn, s2, cx2, at2).hash(),
+               backend.parse_options(aot_options(cfg.num_warps, cfg.num_stages)).hash())
+        if jit != aot:
+            bad.append(f"{short_name(fn.__name__)} {dname} {p.name} {cfg}")
     return bad

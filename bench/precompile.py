@@ -25,13 +25,10 @@ from launches import compile_jobs, gpu_check_problems, jit_function, jit_key_mis
 
 def _compile(job) -> str:
     (name, (module, fn_name), sig, cx, attrs, w, s), cap = job
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from rollingq.kernels.aot import compile_for
 
     try:
-        triton.compile(ASTSource(fn=jit_function(module, fn_name), signature=sig, constexprs=cx, attrs=attrs),
-                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=w, num_stages=s))
+        compile_for(jit_function(module, fn_name), sig, cx, attrs, w, s, cap)
     except Exception as e:  # reported, never fatal: the launch would compile (and fail) the same way
         return f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return ""

@@ -100,14 +100,23 @@ def captured_launches(module, names) -> Iterator[List[Launch]]:
             setattr(module, n, k)
 
 
+def aot_options(num_warps: int, num_stages: int) -> dict:
+    """The compile options of every ahead-of-time build (the rest are Triton's defaults, as at launch)."""
+    return dict(num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_for(fn, signature, constexprs, attrs, num_warps, num_stages, arch: int):
+    """Compile one kernel variant for sm_<arch> (lands in Triton's on-disk cache like a JIT compile)."""
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=aot_options(num_warps, num_stages))
+
+
 def compile_report(name, fn, signature, constexprs, num_warps, num_stages, arch: int = 90,
                    attrs: Optional[dict] = None) -> Dict:
     """Compile one kernel variant for sm_<arch>; return shared bytes, registers, spills, HGMMA count."""
     rep = {"name": name, "arch": arch, "error": None}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=num_warps, num_stages=num_stages))
+        k = compile_for(fn, signature, constexprs, attrs, num_warps, num_stages, arch)
     except Exception as e:  # a compile error is a finding, reported per variant
         rep["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         return rep

@@ -11,14 +11,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_bench_script(script: str, *args: str, timeout: int = 300, **env_extra: str):
+    """Run bench/<script> with the real compiler (TRITON_INTERPRET unset: the interpreter replaces it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("arch, dtypes", [("90", "fp16,bf16,fp32"), ("80", "fp16,bf16")])
 def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
     out = tmp_path / "reports.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "inspect_kernels.py"), "--arch", arch,
-         "--dtypes", dtypes, "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=900)
+    proc = run_bench_script("inspect_kernels.py", "--arch", arch, "--dtypes", dtypes, "--json", str(out), timeout=900)
     reports = json.loads(out.read_text()) if out.exists() else []
     assert reports, f"no reports:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     names = {r["name"].split()[0] for r in reports}
@@ -37,9 +41,7 @@ def test_variants_carry_the_launch_specialisation():
     shapes, with Triton's run-time argument specialisation and the pruned config list per card."""
     from rollingq.kernels.attention_fwd import FWD_CONFIGS_BY_ARCH
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "inspect_kernels.py"), "--arch", "90,80",
-                           "--dtypes", "bf16", "--list"], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench_script("inspect_kernels.py", "--arch", "90,80", "--dtypes", "bf16", "--list")
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(proc.stdout)
     assert {v["kernel"] for v in variants} == {"_rollingq_fwd_kernel", "_bwd_preprocess_kernel",
@@ -64,9 +66,7 @@ def test_precompile_jobs_land_under_the_jit_cache_key():
     """bench/precompile.py fills Triton's cache before the GPU check. Its jobs help only if each
     lands under the key the JIT computes at launch; recomputed through the JIT's own argument
     binder for every launch of the check (parity tests and benchmarks, all dtypes)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precompile.py"), "--verify-keys"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench_script("precompile.py", "--verify-keys")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 launches whose precompiled kernel the JIT would not find" in proc.stdout
 
@@ -74,10 +74,8 @@ def test_precompile_jobs_land_under_the_jit_cache_key():
 def test_precompile_fills_the_cache(tmp_path):
     """The parallel compile path itself (spawned workers, kernels found again by name), for sm_90
     without a GPU; fp32 only, the smallest set."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precompile.py"), "--cap", "90",
-                           "--dtypes", "fp32"], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_bench_script("precompile.py", "--cap", "90", "--dtypes", "fp32", timeout=600,
+                            TRITON_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = int(proc.stdout.split(" distinct compiles")[0].split()[-1])
     assert jobs > 10 and f"compiled {jobs} of {jobs} for sm_90" in proc.stdout, proc.stdout
