@@ -132,7 +132,7 @@ def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
         if key in seen:
             continue
         seen.add(key)
-        tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} " if "BLOCK_N" in cx else ""
+        tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} {'wide ' if cx.get('WIDE') else ''}" if "BLOCK_N" in cx else ""
         name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
         out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
     return out

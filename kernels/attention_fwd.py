@@ -11,6 +11,10 @@ split across the programs of a (batch, kv-head) and written as partial sums that
 Head dims up to MAX_SINGLE_D run in one program. Larger heads (the paper's 768) split the output
 over D: each program computes full-D scores by looping over D chunks of (already rotated) Q and K
 and accumulates one BLOCK_DV chunk of the output; only chunk 0 writes the log-sum-exp and the mass.
+On Hopper (16-bit) the autotuner may instead pick the wide split for heads up to WIDE_MAX_D: Q is
+loaded once as up to six WIDE_CHUNK-wide tiles that stay in shared memory, and two programs share
+the output columns, so the scores are computed twice rather than once per output chunk, and no Q
+chunk is reloaded per key block.
 fp32 inputs and the split path get Q rotated once up front by the launcher (see rollingq_fwd).
 """
 
@@ -29,6 +33,11 @@ SPLIT_D_CHUNK = 64  # D chunk of the score loop (q'.k over D) on the D-split pat
 # wider output chunks mean fewer recomputations (D 768: 3 programs at 256 instead of 6 at 128).
 SPLIT_DV_CHUNK = 256
 SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and pre-Hopper cards: 256 wide spills
+# The wide variant of the split (Hopper, 16-bit, heads up to WIDE_MAX_D): Q stays resident as up
+# to 6 WIDE_CHUNK-wide tiles and two programs share the output (3 chunks each), so the scores are
+# computed twice instead of three times at D 768; the autotuner picks it or the plain split.
+WIDE_CHUNK = 128
+WIDE_MAX_D = 6 * WIDE_CHUNK
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
@@ -47,6 +56,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
+        ("16bit", "wide"): [(64, 16, 8, 2), (64, 16, 8, 3)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 1)],
         ("fp32", 256): [(32, 16, 8, 1)],
@@ -71,29 +81,64 @@ def _d_class(head_d: int, split: bool, ieee: bool):
     return prec, 64 if head_d <= 64 else (128 if head_d <= 128 else 256)
 
 
-def _config(t):
+def _config(t, wide=False):
     bm, bn, w, s = t
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WIDE": int(wide)}, num_warps=w, num_stages=s)
 
 
 def _configs():
     if interpreting():
         return [_config(INTERPRET_CONFIG)]
-    return [_config(t) for t in sorted({t for table in FWD_CONFIGS_BY_ARCH.values()
-                                        for lst in table.values() for t in lst})]
+    return [_config(t, wide) for wide, t in sorted({(cls == "wide", t) for table in FWD_CONFIGS_BY_ARCH.values()
+                                                    for (_, cls), lst in table.items() for t in lst})]
 
 
 def _max_single_d(arch: int) -> int:
     return MAX_SINGLE_D if arch >= 90 else min(MAX_SINGLE_D, MAX_SINGLE_D_PRE_HOPPER)
 
 
+def _wide_chunks(head_d: int) -> tuple:
+    """(Q chunks, output chunks per program, programs) of the wide split."""
+    nqc = triton.cdiv(head_d, WIDE_CHUNK)
+    nacc = triton.cdiv(nqc, 2)
+    return nqc, nacc, triton.cdiv(nqc, nacc)
+
+
 def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
     args = dict(named_args, **kwargs)
-    wanted = FWD_CONFIGS_BY_ARCH[target_arch()][_d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])]
-    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    table = FWD_CONFIGS_BY_ARCH[target_arch()]
+    prec, cls = _d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])
+    wanted = {(t, 0) for t in table[prec, cls]}
+    if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
+        wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}
+    key = lambda c: ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["WIDE"])  # noqa: E731
     return [c for c in configs if key(c) in wanted]
+
+
+@triton.jit
+def _chunk(base, offs_r, r_ok, s_r, s_c, col0, offs_w, HEAD_D):
+    """Rows offs_r, columns col0 + offs_w of a [rows, HEAD_D] slice (zero past its edges)."""
+    cols = col0 + offs_w
+    return tl.load(base + offs_r[:, None] * s_r + cols[None, :] * s_c,
+                   mask=r_ok[:, None] & (cols < HEAD_D)[None, :], other=0.0)
+
+
+@triton.jit
+def _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC: tl.constexpr):
+    """A [BLOCK_N, WC] K or V chunk, through the descriptor or by pointers."""
+    if DESC:
+        return desc.load([start_n, col0])
+    else:
+        return _chunk(base, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D)
+
+
+@triton.jit
+def _store_chunk(base, offs_m, m_ok, s_m, s_c, col0, offs_w, HEAD_D, x):
+    cols = col0 + offs_w
+    tl.store(base + offs_m[:, None] * s_m + cols[None, :] * s_c, x.to(base.dtype.element_ty),
+             mask=m_ok[:, None] & (cols < HEAD_D)[None, :])
 
 
 @triton.autotune(
@@ -120,9 +165,22 @@ def _rollingq_fwd_kernel(
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
+    WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
+    # The wide split (a config choice on the split path): Q resident as NQC tiles of WC columns,
+    # each program accumulating NACC output chunks of WC columns (acc, a1, a2: no arrays of tiles).
+    WIDE_ON: tl.constexpr = WIDE != 0 and SPLIT
+    NQC: tl.constexpr = (HEAD_D + WC - 1) // WC
+    NACC: tl.constexpr = (NQC + 1) // 2
+    # Descriptors serve the single path (tiles of BLOCK_D == BLOCK_DV) and the wide split (WC chunks).
+    DESC: tl.constexpr = TMA and (WIDE_ON or not SPLIT)
+    DESC_W: tl.constexpr = WC if WIDE_ON else BLOCK_D
+    if WIDE_ON:
+        tl.static_assert(NQC <= 6, "the wide split holds at most 6 Q chunks")
+        pid_m, pid_d, h, b = program_ids((NQC + NACC - 1) // NACC)
+    else:
+        pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
     hkv = (h // GROUP).to(tl.int64)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dt = Q.dtype.element_ty
@@ -166,19 +224,42 @@ def _rollingq_fwd_kernel(
             tl.store(QROT + ((b * H + h) * Lq + offs_m[:, None]) * HEAD_D + offs_d[None, :], q,
                      mask=m_ok[:, None] & d_ok[None, :])
 
+    offs_w = tl.arange(0, WC)
+    a_col = pid_d * NACC * WC  # first output column of a wide-split program
+    if WIDE_ON:
+        # Loaded once; only ever a dot operand, so the compiler keeps them in shared memory.
+        q0 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 0, offs_w, HEAD_D)
+        if NQC > 1:
+            q1 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, WC, offs_w, HEAD_D)
+        if NQC > 2:
+            q2 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 2 * WC, offs_w, HEAD_D)
+        if NQC > 3:
+            q3 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 3 * WC, offs_w, HEAD_D)
+        if NQC > 4:
+            q4 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 4 * WC, offs_w, HEAD_D)
+        if NQC > 5:
+            q5 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 5 * WC, offs_w, HEAD_D)
+        acc = tl.zeros([BLOCK_M, WC], tl.float32)
+        if NACC > 1:
+            a1 = tl.zeros([BLOCK_M, WC], tl.float32)
+        if NACC > 2:
+            a2 = tl.zeros([BLOCK_M, WC], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     mass = tl.zeros([BLOCK_M, MP], tl.float32)
     mod = tl.arange(0, MP)
 
-    if TMA:
+    k_desc = K  # placeholders when the pointer path runs
+    v_desc = V
+    if DESC:
         # The copy engine fetches whole tiles (zero-filled past Lk and HEAD_D): no per-element
-        # addresses or masks in registers. Only the single path: it needs BLOCK_DV == BLOCK_D.
+        # addresses or masks in registers.
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[s_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+                                           block_shape=[BLOCK_N, DESC_W])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[s_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+                                           block_shape=[BLOCK_N, DESC_W])
     hi = Lk
     if CAUSAL:
         hi = (pid_m + 1) * BLOCK_M  # Lq == Lk, so only the last query block overshoots; masks cover it
@@ -186,7 +267,25 @@ def _rollingq_fwd_kernel(
         offs_n = start_n + offs_n0
         n_ok = offs_n < Lk
         ids = tl.load(ids_base + offs_n * s_in, mask=n_ok, other=-1)
-        if SPLIT:
+        if WIDE_ON:
+            s = tl.dot(q0, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 0, offs_w, HEAD_D, DESC).T,
+                       input_precision=prec)
+            if NQC > 1:
+                s = tl.dot(q1, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, WC, offs_w, HEAD_D, DESC).T,
+                           s, input_precision=prec)
+            if NQC > 2:
+                s = tl.dot(q2, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 2 * WC, offs_w, HEAD_D,
+                                   DESC).T, s, input_precision=prec)
+            if NQC > 3:
+                s = tl.dot(q3, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 3 * WC, offs_w, HEAD_D,
+                                   DESC).T, s, input_precision=prec)
+            if NQC > 4:
+                s = tl.dot(q4, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 4 * WC, offs_w, HEAD_D,
+                                   DESC).T, s, input_precision=prec)
+            if NQC > 5:
+                s = tl.dot(q5, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 5 * WC, offs_w, HEAD_D,
+                                   DESC).T, s, input_precision=prec)
+        elif SPLIT:
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for c in tl.static_range(NUM_DC):
                 offs_c = c * BLOCK_D + offs_d
@@ -196,7 +295,7 @@ def _rollingq_fwd_kernel(
                 kc = tl.load(k_base + offs_n[None, :] * s_kn + offs_c[:, None] * s_kd,
                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
                 s = tl.dot(qc, kc, s, input_precision=prec)
-        elif TMA:
+        elif DESC:
             s = tl.dot(q, k_desc.load([start_n, 0]).T, input_precision=prec)
         else:
             kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
@@ -212,13 +311,24 @@ def _rollingq_fwd_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA:
-            v = v_desc.load([start_n, 0])
+        if WIDE_ON:
+            p_dt = p.to(dt)
+            acc = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col, offs_w, HEAD_D, DESC),
+                         acc * alpha[:, None], input_precision=prec)
+            if NACC > 1:
+                a1 = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + WC, offs_w, HEAD_D,
+                                      DESC), a1 * alpha[:, None], input_precision=prec)
+            if NACC > 2:
+                a2 = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + 2 * WC, offs_w,
+                                      HEAD_D, DESC), a2 * alpha[:, None], input_precision=prec)
         else:
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                        mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        p_dt = p.to(dt)
-        acc = tl.dot(p_dt, v, acc * alpha[:, None], input_precision=prec)
+            if DESC:
+                v = v_desc.load([start_n, 0])
+            else:
+                v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                            mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+            p_dt = p.to(dt)
+            acc = tl.dot(p_dt, v, acc * alpha[:, None], input_precision=prec)
         if STATS:
             if MASS_F16:
                 # bf16 inputs: p rounded to bf16 (8 bits) misses the mass bound; fp16 (11 bits,
@@ -233,9 +343,16 @@ def _rollingq_fwd_kernel(
 
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    out = acc * inv_l[:, None]
-    tl.store(O + b * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    o_base = O + b * s_ob + h.to(tl.int64) * s_oh
+    if WIDE_ON:
+        _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col, offs_w, HEAD_D, acc * inv_l[:, None])
+        if NACC > 1:
+            _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + WC, offs_w, HEAD_D, a1 * inv_l[:, None])
+        if NACC > 2:
+            _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + 2 * WC, offs_w, HEAD_D, a2 * inv_l[:, None])
+    else:
+        tl.store(o_base + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
+                 (acc * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     if pid_d == 0:
         # Natural-log LSE of the scaled scores; +inf marks a row with no live key (p = 0 in backward).
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -246,20 +363,26 @@ def _rollingq_fwd_kernel(
 
     if STATS:
         # Key sums: worker w of this (b, kv-head) adds key blocks w, w + W, ... for its D columns.
+        # A wide-split program covers NACC chunks of WC columns, any other one BLOCK_DV columns.
         w = pid_m * GROUP + h % GROUP
+        KS_C: tl.constexpr = NACC if WIDE_ON else 1
+        KS_W: tl.constexpr = WC if WIDE_ON else BLOCK_DV
         if w < NUM_WORKERS:
             offs_kn0 = tl.arange(0, KS_N)
-            ks = tl.zeros([MP, BLOCK_DV], tl.float32)
-            for start in range(w * KS_N, Lk, NUM_WORKERS * KS_N):
-                offs_kn = start + offs_kn0
-                kn_ok = offs_kn < Lk
-                kid = tl.load(ids_base + offs_kn * s_in, mask=kn_ok, other=-1)
-                kk = tl.load(k_base + offs_kn[:, None] * s_kn + offs_dv[None, :] * s_kd,
-                             mask=kn_ok[:, None] & dv_ok[None, :], other=0.0)
-                onehot_t = (mod[:, None] == kid[None, :]).to(dt)
-                ks = tl.dot(onehot_t, kk, ks, input_precision="ieee" if IEEE else "tf32")
             ks_base = KSUM + ((b * (H // GROUP) + hkv) * NUM_WORKERS + w) * MP * HEAD_D
-            tl.store(ks_base + mod[:, None] * HEAD_D + offs_dv[None, :], ks, mask=dv_ok[None, :])
+            for j in tl.static_range(KS_C):
+                offs_ks = (pid_d * KS_C + j) * KS_W + tl.arange(0, KS_W)
+                ks_ok = offs_ks < HEAD_D
+                ks = tl.zeros([MP, KS_W], tl.float32)
+                for start in range(w * KS_N, Lk, NUM_WORKERS * KS_N):
+                    offs_kn = start + offs_kn0
+                    kn_ok = offs_kn < Lk
+                    kid = tl.load(ids_base + offs_kn * s_in, mask=kn_ok, other=-1)
+                    kk = tl.load(k_base + offs_kn[:, None] * s_kn + offs_ks[None, :] * s_kd,
+                                 mask=kn_ok[:, None] & ks_ok[None, :], other=0.0)
+                    onehot_t = (mod[:, None] == kid[None, :]).to(dt)
+                    ks = tl.dot(onehot_t, kk, ks, input_precision="ieee" if IEEE else "tf32")
+                tl.store(ks_base + mod[:, None] * HEAD_D + offs_ks[None, :], ks, mask=ks_ok[None, :])
 
 
 def _d_plan(d: int, split: bool, ieee: bool, arch: int):
@@ -317,10 +440,12 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     n_dv = triton.cdiv(D, block_dv)
 
     def grid(meta):
-        return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)
+        chunks = _wide_chunks(D)[2] if (meta["WIDE"] and split) else n_dv
+        return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), chunks, H, B)
 
-    # fp32 (FMA dots) spills registers with descriptor tiles: it keeps the pointer path
-    tma = USE_TMA and not split and arch >= 90 and q.dtype != torch.float32 and tma_ready(k, v)
+    # fp32 (FMA dots) spills registers with descriptor tiles: it keeps the pointer path. On the split
+    # path only the wide configs use descriptors (the kernel decides per config).
+    tma = USE_TMA and arch >= 90 and q.dtype != torch.float32 and tma_ready(k, v)
     if tma and q.is_cuda:
         ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
@@ -332,7 +457,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
         SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
-        TMA=tma,
+        TMA=tma, WC=WIDE_CHUNK,
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum

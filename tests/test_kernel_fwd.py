@@ -167,6 +167,42 @@ def test_d_split(dtype, causal, monkeypatch):
     check(q, k, v, ids, 3, rot, rotate_rows=4, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, causal, tma", [(40, True, True), (72, False, False), (96, True, False), (96, False, True)])
+def test_wide_split(dtype, D, causal, tma, monkeypatch):
+    """The wide split (Q resident in WIDE_CHUNK-wide tiles, two programs share the output), forced,
+    with 16-wide chunks: D 40 is 3 chunks (the second program's last chunk lies past the head),
+    D 72 is 5, D 96 is 6 (every unrolled Q chunk and all 3 accumulators). GQA, padding, rotated rows."""
+    monkeypatch.setattr(attention_fwd, "MAX_SINGLE_D", 16)
+    monkeypatch.setattr(attention_fwd, "WIDE_CHUNK", 16)
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
+    kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
+    monkeypatch.setattr(kernel, "cache", {})
+    assert attention_fwd._wide_chunks(D)[2] == 2
+    q, k, v, ids, rot, _ = make_case(2, 4, 2, 37, 37, D, 3, dtype, seed=D + 7 * causal)
+    check(q, k, v, ids, 3, rot, rotate_rows=9, causal=causal)
+
+
+def test_wide_split_is_offered_up_to_its_limit():
+    """Hopper's 16-bit split class autotunes over the plain and the wide split while the head fits
+    6 chunks; wider heads, fp32 and pre-Hopper cards get the plain split only."""
+    from rollingq.kernels.common import planning_for
+
+    configs = [attention_fwd._config(t, cls == "wide") for table in attention_fwd.FWD_CONFIGS_BY_ARCH.values()
+               for (_, cls), lst in table.items() for t in lst]
+
+    def wide_kept(arch, d, ieee):
+        with planning_for(arch):
+            kept = attention_fwd._prune(configs, {"HEAD_D": d, "SPLIT": True, "IEEE": ieee})
+        assert kept
+        return sum(c.kwargs["WIDE"] for c in kept)
+
+    assert wide_kept(90, 768, False) == len(attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", "wide")])
+    assert wide_kept(90, 520, False) > 0
+    assert wide_kept(90, 776, False) == 0 and wide_kept(90, 768, True) == 0 and wide_kept(80, 768, False) == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", CUDA_LARGE_SHAPES)
@@ -184,11 +220,9 @@ _FWD_TILES = sorted({(bm, bn): (bm, bn, w, s) for table in attention_fwd.FWD_CON
 def test_every_table_tile(config, monkeypatch):
     """Each tile shape the autotune tables can pick, forced, on lengths no tile divides (causal,
     GQA, padding, some rows rotated): the block bounds and masks hold for every BLOCK_M x BLOCK_N."""
-    import triton
-
     bm, bn, w, s = config
     kernel = attention_fwd._rollingq_fwd_kernel
-    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)])
+    monkeypatch.setattr(kernel, "configs", [attention_fwd._config(config)])
     monkeypatch.setattr(kernel, "cache", {})
     q, k, v, ids, rot, _ = make_case(1, 4, 2, 203, 203, 32, 3, torch.float16, seed=bm * 1000 + bn)
     check(q, k, v, ids, 3, rot, rotate_rows=77, causal=True)
