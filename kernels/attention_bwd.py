@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2, target_arch
+from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
@@ -503,8 +503,8 @@ def attention_bwd(
         ids: int [B, Lk] modality ids, -1 = padding (stride(0) == 0 allowed; a 1-D [Lk] is expanded).
         causal: query i sees keys 0..i (Lq == Lk).
         scale: the softmax scale the forward used.
-        rotation: [H, D, D] float or None; rot_mask: bool/uint8 [B, Lq] or None (stride(0) == 0
-            allowed). Rows are rotated only when both are given.
+        rotation: [H, D, D] float or None; rot_mask: bool/uint8 [B, Lq] (stride(0) == 0 allowed)
+            selects the rotated rows, None: every row (when a rotation is given).
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
@@ -517,7 +517,7 @@ def attention_bwd(
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     dev = q_rot.device
-    rotate = rotation is not None and rot_mask is not None
+    rotate = rotation is not None
     ieee = q_rot.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
 
@@ -554,7 +554,7 @@ def attention_bwd(
     in_kernel_rot = rotate and n_dv == 1
     if in_kernel_rot:
         rot = rotation.detach().to(torch.float32).contiguous()
-        rm = rot_mask.view(torch.uint8) if rot_mask.dtype == torch.bool else rot_mask
+        rm = row_mask_or_all(rot_mask, B, Lq, dev)
     else:
         rot = delta  # never read: ROTATE is a constexpr False
         rm = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
@@ -571,5 +571,5 @@ def attention_bwd(
         # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's
         # dtype (what autograd does for q @ R^T in that dtype).
         dq_rot = torch.einsum("bhld,hde->bhle", dq, rotation.detach().to(dq.dtype))
-        dq = torch.where(rot_mask.bool()[:, None, :, None], dq_rot, dq)
+        dq = dq_rot if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], dq_rot, dq)
     return dq, dk, dv

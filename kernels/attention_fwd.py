@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2, target_arch
+from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
@@ -403,7 +403,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     """Launch the fused forward.
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
-    rotation [H, D, D] contiguous or None; rot_mask uint8 [B, Lq] (stride 0 allowed) or None.
+    rotation [H, D, D] contiguous or None; rot_mask uint8 [B, Lq] (stride 0 allowed) selects the
+    rotated rows, None: every row (when a rotation is given).
     Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
@@ -413,12 +414,12 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     dev = q.device
     arch = target_arch()
     split = D > _max_single_d(arch)
-    rotate = rotation is not None and rot_mask is not None
+    rotate = rotation is not None
     if rotate and (split or q.dtype == torch.float32):
         # The split path cannot hold a full rotated Q row per program, and fp32's exact (non-tensor-
         # core) dot spills registers when it rotates in-kernel: both rotate once up front.
         rotated = torch.einsum("bhld,hed->bhle", q, rotation.to(q.dtype))
-        q = torch.where(rot_mask.bool()[:, None, :, None], rotated, q)
+        q = rotated if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], rotated, q)
         rotate = False
     q_rot_out = None
     if save_qrot:
@@ -436,7 +437,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         mass = ksum_part = lse  # never touched: STATS is a constexpr False
     block_d, block_dv, num_dc = _d_plan(D, split, q.dtype == torch.float32, arch)
     rot = rotation.to(torch.float32).contiguous() if rotate else lse
-    rm = rot_mask if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    rm = row_mask_or_all(rot_mask, B, Lq, dev) if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     n_dv = triton.cdiv(D, block_dv)
 
     def grid(meta):

@@ -106,10 +106,13 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
                      rotation: Optional[torch.Tensor], rotate_rows: RotateRows):
     """What the kernel path hands the fused op, from validated arguments: int32 ids [B, Lk] (shared
     ids as a stride-0 batch view, no copy), the rotation in float32 [H, D, D] and a uint8 row mask
-    [B, Lq] (both None when no row is rotated). bench/launches.py drives the kernels through it too."""
+    [B, Lq] (both None when no row is rotated; the mask alone None when every row is, which the
+    launchers know without reading it). bench/launches.py drives the kernels through it too."""
     B, _, Lq, _ = q.shape
     ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
     rows = rotate_row_mask(rotate_rows, B, Lq, q.device) if rotation is not None else None
     if rows is None:
         return ids, None, None
+    if isinstance(rotate_rows, int) and rotate_rows == Lq:
+        return ids, rotation.detach().float(), None
     return ids, rotation.detach().float(), rows.view(torch.uint8)

@@ -78,7 +78,7 @@ def _setup_context(ctx, inputs, output):
     # Without a saved rotated copy, the queries the forward used are q itself.
     ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask)
     ctx.causal, ctx.scale = causal, scale
-    ctx.rotated = save_qrot and rotation is not None and rot_mask is not None
+    ctx.rotated = save_qrot and rotation is not None  # rot_mask None: every row
 
 
 def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):

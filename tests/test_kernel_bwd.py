@@ -87,9 +87,11 @@ def _run_and_check(q, k, v, ids, rotation, rotate_rows, causal, do, scale=None, 
     scale = D ** -0.5 if scale is None else scale
     ids2d = (ids.expand(B, Lk) if ids.dim() == 1 else ids).to(torch.int32)
     rot_mask = rotate_row_mask(rotate_rows, B, Lq, q.device)
-    # Rows are rotated only when both the rotation and the mask reach the kernel.
-    eff_rot = rotation if (pass_rotation and pass_mask) else None
-    eff_rows = rotate_rows if (pass_rotation and pass_mask) else None
+    # Rows are rotated only when the rotation reaches the kernel; without a mask, every row.
+    eff_rot = rotation if pass_rotation else None
+    eff_rows = (rotate_rows if pass_mask else Lq) if pass_rotation else None
+    if pass_rotation and not pass_mask:
+        rot_mask = rotate_row_mask(Lq, B, Lq, q.device)  # what the forward used
     q_rot, out, lse = _kernel_inputs(q, k, v, ids2d, eff_rot, rot_mask, causal, scale)
     dq, dk, dv = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, causal, scale,
                                    rotation if pass_rotation else None, rot_mask if pass_mask else None)
@@ -168,19 +170,29 @@ def test_bwd_causal_first_key_padded(dtype):
     assert dk[padded].abs().max() == 0 and dv[padded].abs().max() == 0
 
 
-@pytest.mark.parametrize("case", ["rows_none", "rotation_none", "mask_none"])
-def test_bwd_unrotated_forms(case):
-    """No row rotated: rotate_rows None, rotation None with a mask, or a rotation with rot_mask None."""
-    gen = torch.Generator().manual_seed(_seed("unrot", case))
+@pytest.mark.parametrize("rows", [None, 7], ids=["no_mask", "mask"])
+def test_bwd_unrotated_forms(rows):
+    """No rotation reaches the kernel (with or without a row mask): no row is rotated."""
+    gen = torch.Generator().manual_seed(_seed("unrot", rows))
     q, k, v, do = _qkv(1, 2, 2, 18, 18, 16, torch.float32, gen)
     ids = _ids(1, 18, per_batch=False, gen=gen).to(DEV)
     rot = _rotation(2, 16, gen).to(DEV)
-    if case == "rows_none":
-        _run_and_check(q, k, v, ids, rot, None, True, do)
-    elif case == "rotation_none":
-        _run_and_check(q, k, v, ids, rot, 7, True, do, pass_rotation=False)
-    else:
-        _run_and_check(q, k, v, ids, rot, 7, True, do, pass_mask=False)
+    _run_and_check(q, k, v, ids, rot, rows, True, do, pass_rotation=False)
+
+
+@pytest.mark.parametrize("dq_chunk", [None, 16], ids=["in-kernel", "split"])
+def test_bwd_every_row_without_mask(dq_chunk, monkeypatch):
+    """A rotation with rot_mask None rotates every row (what the public function passes for
+    rotate_rows == Lq): in dQ's rotation epilogue and in the split path's rotation afterwards."""
+    if dq_chunk:  # dq in 3 chunks of 16: no program holds a whole row, the launcher rotates afterwards
+        for name, value in (("DKDV_MAX_RESIDENT_D", 32), ("DQ_MAX_RESIDENT_D", 32), ("SPLIT_D_CHUNK", 16),
+                            ("SPLIT_DKDV_CHUNK", 32), ("SPLIT_DQ_CHUNK", 16), ("SPLIT_DQ_CHUNK_IEEE", 16)):
+            monkeypatch.setattr(bwd, name, value)
+    gen = torch.Generator().manual_seed(_seed("every_row", dq_chunk))
+    q, k, v, do = _qkv(2, 2, 1, 19, 19, 40 if dq_chunk else 16, torch.float32, gen)
+    ids = _ids(2, 19, per_batch=True, gen=gen).to(DEV)
+    rot = _rotation(2, q.shape[-1], gen).to(DEV)
+    _run_and_check(q, k, v, ids, rot, 5, True, do, pass_mask=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -156,15 +156,16 @@ def test_head_dims(head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_d_split(dtype, causal, monkeypatch):
-    """The split over D that serves heads above MAX_SINGLE_D (the paper's 768), on a small head."""
+@pytest.mark.parametrize("causal, rows", [(False, 4), (True, 4), (True, 21)])
+def test_d_split(dtype, causal, rows, monkeypatch):
+    """The split over D that serves heads above MAX_SINGLE_D (the paper's 768), on a small head;
+    rows 21 = Lq: every row rotated, which the launcher knows without a mask."""
     monkeypatch.setattr(attention_fwd, "MAX_SINGLE_D", 16)
     monkeypatch.setattr(attention_fwd, "SPLIT_D_CHUNK", 16)
     monkeypatch.setattr(attention_fwd, "SPLIT_DV_CHUNK", 32)
     monkeypatch.setattr(attention_fwd, "SPLIT_DV_CHUNK_NARROW", 16)
-    q, k, v, ids, rot, _ = make_case(2, 2, 1, 21, 21, 40, 3, dtype, seed=31)
-    check(q, k, v, ids, 3, rot, rotate_rows=4, causal=causal)
+    q, k, v, ids, rot, _ = make_case(2, 2, 1, 21, 21, 40, 3, dtype, seed=31 + rows)
+    check(q, k, v, ids, 3, rot, rotate_rows=rows, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
