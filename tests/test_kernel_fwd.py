@@ -185,6 +185,18 @@ def test_wide_split(dtype, D, causal, tma, monkeypatch):
     check(q, k, v, ids, 3, rot, rotate_rows=9, causal=causal)
 
 
+@pytest.mark.parametrize("D, tma", [(768, True), (520, False)])
+def test_wide_split_real_widths(D, tma, monkeypatch):
+    """The wide split at its real chunk width (128) on the paper's D 768 (6 chunks, all three
+    accumulators; descriptors) and on D 520 (5 chunks, the last one 8 columns wide; pointers)."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
+    kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
+    monkeypatch.setattr(kernel, "cache", {})
+    q, k, v, ids, rot, _ = make_case(1, 1, 1, 40, 40, D, 3, torch.float16, seed=D)
+    check(q, k, v, ids, 3, rot, rotate_rows=40, causal=True)
+
+
 def test_wide_split_is_offered_up_to_its_limit():
     """Hopper's 16-bit split class autotunes over the plain and the wide split while the head fits
     6 chunks; wider heads, fp32 and pre-Hopper cards get the plain split only."""
@@ -211,6 +223,30 @@ def test_parity_cuda_large(dtype, shape):
     B, H, Hkv, Lq, Lk, D, causal = shape
     q, k, v, ids, rot, _ = make_case(B, H, Hkv, Lq, Lk, D, 3, dtype, seed=D + Lq)
     check(q, k, v, ids, 3, rot, rotate_rows=Lq, causal=causal)
+
+
+_SPLIT_CONFIGS = [(t, False) for t in attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", "split")]] + \
+    [(t, True) for t in attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", "wide")]]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config, wide", _SPLIT_CONFIGS,
+                         ids=lambda c: ("wide" if c is True else "plain" if c is False else "BM{}_BN{}_w{}_s{}".format(*c)))
+def test_split_class_configs_cuda(dtype, config, wide, monkeypatch):
+    """A parity test through the autotuner checks only the config it picks, so each config of the
+    paper layer's class (plain and wide split) is forced on D 768, with padding. The shape is
+    test_parity_cuda_large's, so bench/precompile.py has already built these kernels."""
+    from rollingq.kernels.common import target_arch
+
+    if target_arch() < 90:
+        pytest.skip("the sm_90 split-class table: this card plans with the sm_80 one")
+    kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(kernel, "configs", [attention_fwd._config(config, wide)])
+    monkeypatch.setattr(kernel, "cache", {})
+    assert (2, 1, 1, 300, 300, 768, False) in CUDA_LARGE_SHAPES
+    q, k, v, ids, rot, _ = make_case(2, 1, 1, 300, 300, 768, 3, dtype, seed=sum(config) + wide)
+    check(q, k, v, ids, 3, rot, rotate_rows=300)
 
 
 _FWD_TILES = sorted({(bm, bn): (bm, bn, w, s) for table in attention_fwd.FWD_CONFIGS_BY_ARCH.values()
