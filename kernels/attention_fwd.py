@@ -135,6 +135,14 @@ def _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC:
 
 
 @triton.jit
+def _qk(s, qc, desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC: tl.constexpr,
+        prec: tl.constexpr):
+    """s + qc . k^T over one WC-wide chunk of D (columns col0 + offs_w)."""
+    return tl.dot(qc, _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC).T, s,
+                  input_precision=prec)
+
+
+@triton.jit
 def _store_chunk(base, offs_m, m_ok, s_m, s_c, col0, offs_w, HEAD_D, x):
     cols = col0 + offs_w
     tl.store(base + offs_m[:, None] * s_m + cols[None, :] * s_c, x.to(base.dtype.element_ty),
@@ -268,23 +276,18 @@ def _rollingq_fwd_kernel(
         n_ok = offs_n < Lk
         ids = tl.load(ids_base + offs_n * s_in, mask=n_ok, other=-1)
         if WIDE_ON:
-            s = tl.dot(q0, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 0, offs_w, HEAD_D, DESC).T,
-                       input_precision=prec)
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            s = _qk(s, q0, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 0, offs_w, HEAD_D, DESC, prec)
             if NQC > 1:
-                s = tl.dot(q1, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, WC, offs_w, HEAD_D, DESC).T,
-                           s, input_precision=prec)
+                s = _qk(s, q1, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, WC, offs_w, HEAD_D, DESC, prec)
             if NQC > 2:
-                s = tl.dot(q2, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 2 * WC, offs_w, HEAD_D,
-                                   DESC).T, s, input_precision=prec)
+                s = _qk(s, q2, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 2 * WC, offs_w, HEAD_D, DESC, prec)
             if NQC > 3:
-                s = tl.dot(q3, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 3 * WC, offs_w, HEAD_D,
-                                   DESC).T, s, input_precision=prec)
+                s = _qk(s, q3, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 3 * WC, offs_w, HEAD_D, DESC, prec)
             if NQC > 4:
-                s = tl.dot(q4, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 4 * WC, offs_w, HEAD_D,
-                                   DESC).T, s, input_precision=prec)
+                s = _qk(s, q4, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 4 * WC, offs_w, HEAD_D, DESC, prec)
             if NQC > 5:
-                s = tl.dot(q5, _kv(k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 5 * WC, offs_w, HEAD_D,
-                                   DESC).T, s, input_precision=prec)
+                s = _qk(s, q5, k_desc, k_base, start_n, offs_n, n_ok, s_kn, s_kd, 5 * WC, offs_w, HEAD_D, DESC, prec)
         elif SPLIT:
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for c in tl.static_range(NUM_DC):
