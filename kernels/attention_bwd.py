@@ -29,7 +29,8 @@ the epilogue runs afterwards in torch as one batched matmul in q's dtype
 (dq = where(rotated, dq' @ R[h], dq')), the arithmetic autograd does for `q @ R^T` in that dtype.
 The split path recomputes the full-D scores once per output slice: at D = 768 with 256-wide slices
 dK/dV does (768/256) x (2 + 2/3) = 8 units of M*N*D work where a resident kernel would do 4, and dQ
-(768/256) x (2 + 1/3) = 7 instead of 3. Thresholds, chunk widths and configs come from ptxas
+(768/256) x (2 + 1/3) = 7 instead of 3. On Hopper (16-bit) dQ's autotuner also tries a wide split
+(two programs, each with three 128-wide dq accumulators: 2 x (2 + 1/2) = 5 units at D = 768). Thresholds, chunk widths and configs come from ptxas
 register/spill reports for sm_90a and sm_80 (bench/inspect_kernels.py); timing them on a GPU is open.
 """
 from typing import List, Optional, Tuple
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
+from .tiles import load_chunk, store_chunk, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
@@ -50,6 +52,12 @@ SPLIT_DKDV_CHUNK = 256  # dk/dv columns owned by one program on the split path
 SPLIT_DKDV_CHUNK_NARROW = 128  # the same for fp32 inputs and pre-Hopper cards
 SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path (fp16/bf16)
 SPLIT_DQ_CHUNK_IEEE = 64  # the same for fp32 inputs (FMA dots: a 256-wide fp32 tile spills)
+# dQ's wide split (Hopper, 16-bit, heads up to WIDE_MAX_D, a config choice): two programs share the
+# dq columns as up to three WIDE_CHUNK-wide accumulators each, so the full-D scores and do.v^T
+# are recomputed twice instead of three times at D 768 (2 x (768 + 768 + 384) units of M*N*D
+# work instead of 3 x (768 + 768 + 256)).
+WIDE_CHUNK = 128
+WIDE_MAX_D = 6 * WIDE_CHUNK
 ROT_CHUNK = 32  # R columns per step of the in-kernel dq rotation epilogue (fp16/bf16)
 ROT_CHUNK_IEEE = 16  # the same for fp32 inputs
 PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
@@ -106,6 +114,8 @@ _DQ_TABLE = {
         **_IEEE_DQ,
     },
 }
+# dQ's wide-split rows (WIDE_CHUNK accumulators), offered beside the "split" class where it applies.
+_DQ_WIDE = {90: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]}
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
 # exercised with unaligned tiles.
 _INTERPRET_DKDV = (16, 32, 4, 1)
@@ -125,17 +135,28 @@ def _union(table) -> list:
     return rows
 
 
-def _to_configs(rows) -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+def _to_configs(rows, **extra) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in rows]
 
 
-def _pruner(table):
+def _row(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _pruner(table, wide_table=None):
+    """Keep the launch's class list for the card; with `wide_table`, also its wide-split rows where
+    that split applies (16-bit split heads up to WIDE_MAX_D, no in-kernel rotation epilogue)."""
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
         keep = table[target_arch()][_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        kept = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
+        if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
+                and kwargs["HEAD_D"] <= WIDE_MAX_D):
+            wide = wide_table.get(target_arch(), [])
+            kept += [c for c in configs if c.kwargs.get("WIDE") and _row(c) in wide]
         return kept or configs[-1:]
     return prune
 
@@ -294,9 +315,19 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (single path only; kernels/tma.py)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
+    # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
+    # (dq, dq1, dq2) per program, two programs per query block.
+    WIDE_ON: tl.constexpr = WIDE != 0 and SPLIT
+    NQC: tl.constexpr = (HEAD_D + WC - 1) // WC
+    NACC: tl.constexpr = (NQC + 1) // 2
+    if WIDE_ON:
+        tl.static_assert(NQC <= 6 and not ROTATE, "the wide split: at most 6 chunks, rotation afterwards")
+        pid_m, pid_d, h, b = program_ids((NQC + NACC - 1) // NACC)
+    else:
+        pid_m, pid_d, h, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
     h = h.to(tl.int64)
     hkv = h // GROUP
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
@@ -328,7 +359,16 @@ def _bwd_dq_kernel(
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[s_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-    dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    offs_w = tl.arange(0, WC)
+    a_col = pid_d * NACC * WC  # first dq column of a wide-split program
+    if WIDE_ON:
+        dq = tl.zeros([BLOCK_M, WC], tl.float32)
+        if NACC > 1:
+            dq1 = tl.zeros([BLOCK_M, WC], tl.float32)
+        if NACC > 2:
+            dq2 = tl.zeros([BLOCK_M, WC], tl.float32)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     hi = Lk
     if CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
@@ -352,8 +392,9 @@ def _bwd_dq_kernel(
                 vct = tl.load(v_base + offs_n[None, :] * s_vn + offs_c[:, None] * s_vd,
                               mask=n_ok[None, :] & c_ok[:, None], other=0.0)
                 dp = tl.dot(doc, vct, dp, input_precision=prec)
-            k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_dv[None, :] * s_kd,
-                          mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+            if not WIDE_ON:
+                k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_dv[None, :] * s_kd,
+                              mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
             if TMA:
                 k_o = k_desc.load([start_n, 0])
@@ -369,11 +410,29 @@ def _bwd_dq_kernel(
             vis = vis & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(dt), k_o, dq, input_precision=prec)
+        if WIDE_ON:
+            ds_dt = ds.to(dt)
+            dq = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col, offs_w, HEAD_D), dq,
+                        input_precision=prec)
+            if NACC > 1:
+                dq1 = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col + WC, offs_w, HEAD_D), dq1,
+                             input_precision=prec)
+            if NACC > 2:
+                dq2 = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col + 2 * WC, offs_w, HEAD_D),
+                             dq2, input_precision=prec)
+        else:
+            dq = tl.dot(ds.to(dt), k_o, dq, input_precision=prec)
 
     dq = dq * sm_scale
     dq_ptr = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm
-    if ROTATE:
+    if WIDE_ON:
+        dq_base = DQ + b * s_dqb + h * s_dqh
+        store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col, offs_w, HEAD_D, dq)
+        if NACC > 1:
+            store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col + WC, offs_w, HEAD_D, dq1 * sm_scale)
+        if NACC > 2:
+            store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col + 2 * WC, offs_w, HEAD_D, dq2 * sm_scale)
+    elif ROTATE:
         # Chain rule of q' = q R^T: dq = dq' R on the rotated rows (the launcher sets ROTATE only
         # when this program holds whole dq' rows: one D chunk, BLOCK_DV >= HEAD_D). Unrotated rows
         # are stored as they are; rotated rows column chunk by column chunk, so only a
@@ -397,18 +456,24 @@ def _bwd_dq_kernel(
         tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
 
-def _autotuned(kernel, table, interp_row, key):
+def _autotuned(kernel, table, interp_row, key, wide_table=None):
+    """Autotune over the union of the tables' rows; a kernel with a wide split gets WIDE in every
+    config (0 for the table rows, 1 for the wide rows)."""
+    extra = {} if wide_table is None else {"WIDE": 0}
+    configs = _to_configs([interp_row] if interpreting() else _union(table), **extra)
+    if wide_table is not None and not interpreting():
+        configs += _to_configs(sorted({r for rows in wide_table.values() for r in rows}), WIDE=1)
     return triton.autotune(
-        configs=_to_configs([interp_row] if interpreting() else _union(table)),
+        configs=configs,
         key=key,
-        prune_configs_by={"early_config_prune": _pruner(table)},
+        prune_configs_by={"early_config_prune": _pruner(table, wide_table)},
     )(kernel)
 
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["Lq", "Lk", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE"])
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
-                     ["Lq", "Lk", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"])
+                     ["Lq", "Lk", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"], _DQ_WIDE)
 
 
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:
@@ -558,14 +623,16 @@ def attention_bwd(
     else:
         rot = delta  # never read: ROTATE is a constexpr False
         rm = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
-    _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_dv, H, B)](
+    n_wide = wide_plan(D, WIDE_CHUNK)[2]
+    _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
+                                     H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-        TMA=tma_dq and not split,
+        TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's

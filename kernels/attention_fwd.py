@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
+from .tiles import load_chunk, store_chunk, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
@@ -97,13 +98,6 @@ def _max_single_d(arch: int) -> int:
     return MAX_SINGLE_D if arch >= 90 else min(MAX_SINGLE_D, MAX_SINGLE_D_PRE_HOPPER)
 
 
-def _wide_chunks(head_d: int) -> tuple:
-    """(Q chunks, output chunks per program, programs) of the wide split."""
-    nqc = triton.cdiv(head_d, WIDE_CHUNK)
-    nacc = triton.cdiv(nqc, 2)
-    return nqc, nacc, triton.cdiv(nqc, nacc)
-
-
 def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
@@ -118,20 +112,12 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _chunk(base, offs_r, r_ok, s_r, s_c, col0, offs_w, HEAD_D):
-    """Rows offs_r, columns col0 + offs_w of a [rows, HEAD_D] slice (zero past its edges)."""
-    cols = col0 + offs_w
-    return tl.load(base + offs_r[:, None] * s_r + cols[None, :] * s_c,
-                   mask=r_ok[:, None] & (cols < HEAD_D)[None, :], other=0.0)
-
-
-@triton.jit
 def _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC: tl.constexpr):
     """A [BLOCK_N, WC] K or V chunk, through the descriptor or by pointers."""
     if DESC:
         return desc.load([start_n, col0])
     else:
-        return _chunk(base, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D)
+        return load_chunk(base, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D)
 
 
 @triton.jit
@@ -140,13 +126,6 @@ def _qk(s, qc, desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D
     """s + qc . k^T over one WC-wide chunk of D (columns col0 + offs_w)."""
     return tl.dot(qc, _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC).T, s,
                   input_precision=prec)
-
-
-@triton.jit
-def _store_chunk(base, offs_m, m_ok, s_m, s_c, col0, offs_w, HEAD_D, x):
-    cols = col0 + offs_w
-    tl.store(base + offs_m[:, None] * s_m + cols[None, :] * s_c, x.to(base.dtype.element_ty),
-             mask=m_ok[:, None] & (cols < HEAD_D)[None, :])
 
 
 @triton.autotune(
@@ -236,17 +215,17 @@ def _rollingq_fwd_kernel(
     a_col = pid_d * NACC * WC  # first output column of a wide-split program
     if WIDE_ON:
         # Loaded once; only ever a dot operand, so the compiler keeps them in shared memory.
-        q0 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 0, offs_w, HEAD_D)
+        q0 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 0, offs_w, HEAD_D)
         if NQC > 1:
-            q1 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, WC, offs_w, HEAD_D)
+            q1 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, WC, offs_w, HEAD_D)
         if NQC > 2:
-            q2 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 2 * WC, offs_w, HEAD_D)
+            q2 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 2 * WC, offs_w, HEAD_D)
         if NQC > 3:
-            q3 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 3 * WC, offs_w, HEAD_D)
+            q3 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 3 * WC, offs_w, HEAD_D)
         if NQC > 4:
-            q4 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 4 * WC, offs_w, HEAD_D)
+            q4 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 4 * WC, offs_w, HEAD_D)
         if NQC > 5:
-            q5 = _chunk(q_base, offs_m, m_ok, s_qm, s_qd, 5 * WC, offs_w, HEAD_D)
+            q5 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 5 * WC, offs_w, HEAD_D)
         acc = tl.zeros([BLOCK_M, WC], tl.float32)
         if NACC > 1:
             a1 = tl.zeros([BLOCK_M, WC], tl.float32)
@@ -348,11 +327,11 @@ def _rollingq_fwd_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     o_base = O + b * s_ob + h.to(tl.int64) * s_oh
     if WIDE_ON:
-        _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col, offs_w, HEAD_D, acc * inv_l[:, None])
+        store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col, offs_w, HEAD_D, acc * inv_l[:, None])
         if NACC > 1:
-            _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + WC, offs_w, HEAD_D, a1 * inv_l[:, None])
+            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + WC, offs_w, HEAD_D, a1 * inv_l[:, None])
         if NACC > 2:
-            _store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + 2 * WC, offs_w, HEAD_D, a2 * inv_l[:, None])
+            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + 2 * WC, offs_w, HEAD_D, a2 * inv_l[:, None])
     else:
         tl.store(o_base + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
                  (acc * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
@@ -444,7 +423,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     n_dv = triton.cdiv(D, block_dv)
 
     def grid(meta):
-        chunks = _wide_chunks(D)[2] if (meta["WIDE"] and split) else n_dv
+        chunks = wide_plan(D, WIDE_CHUNK)[2] if (meta["WIDE"] and split) else n_dv
         return launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), chunks, H, B)
 
     # fp32 (FMA dots) spills registers with descriptor tiles: it keeps the pointer path. On the split

@@ -298,6 +298,42 @@ def test_dkdv_plan_per_card_and_precision(arch, ieee, plans, monkeypatch):
         assert (got[0], got[2]) == (split, width), (d, got)
 
 
+@pytest.mark.parametrize("D, causal", [(40, True), (72, False), (96, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_bwd_dq_wide_split(D, causal, dtype, monkeypatch):
+    """dQ's wide split, forced, with 16-wide chunks: D 40 is 3 chunks (the second program's last
+    accumulator lies past the head), D 72 is 5, D 96 is 6 (all three accumulators in both
+    programs). Score reductions in 16-wide chunks, GQA, padding, rotated rows (dq rotated afterwards)."""
+    for name, value in (("DKDV_MAX_RESIDENT_D", 32), ("DQ_MAX_RESIDENT_D", 32), ("SPLIT_D_CHUNK", 16),
+                        ("SPLIT_DKDV_CHUNK", 32), ("SPLIT_DQ_CHUNK", 16), ("SPLIT_DQ_CHUNK_IEEE", 16),
+                        ("WIDE_CHUNK", 16)):
+        monkeypatch.setattr(bwd, name, value)
+    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ], WIDE=1))
+    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    assert bwd.wide_plan(D, 16)[2] == 2
+    gen = torch.Generator().manual_seed(_seed("dq_wide", D, causal, dtype))
+    q, k, v, do = _qkv(2, 4, 2, 29, 29, D, dtype, gen)
+    ids = _ids(2, 29, per_batch=True, gen=gen).to(DEV)
+    _run_and_check(q, k, v, ids, _rotation(4, D, gen).to(DEV), 11, causal, do)
+
+
+def test_dq_wide_split_is_offered_where_it_applies(monkeypatch):
+    """The dQ pruner adds the wide rows to Hopper's 16-bit split class up to WIDE_MAX_D, never with
+    the in-kernel rotation epilogue, for fp32, or on pre-Hopper cards."""
+    configs = bwd._bwd_dq.configs if len(bwd._bwd_dq.configs) > 1 else (
+        bwd._to_configs(bwd._union(bwd._DQ_TABLE), WIDE=0)
+        + bwd._to_configs(sorted({r for rows in bwd._DQ_WIDE.values() for r in rows}), WIDE=1))
+    prune = bwd._pruner(bwd._DQ_TABLE, bwd._DQ_WIDE)
+
+    def wide(arch, d=768, ieee=False, rotate=False):
+        monkeypatch.setattr(common, "TARGET_ARCH", arch)
+        kept = prune(configs, {}, BLOCK_D=64, BLOCK_DV=256, SPLIT=True, IEEE=ieee, ROTATE=rotate, HEAD_D=d)
+        return sorted(_row for _row in (bwd._row(c) for c in kept if c.kwargs["WIDE"]))
+
+    assert wide(90) == sorted(bwd._DQ_WIDE[90])
+    assert wide(90, d=776) == [] and wide(90, ieee=True) == [] and wide(90, rotate=True) == [] and wide(80) == []
+
+
 def _tiles(table):
     return sorted({(bm, bn): (bm, bn, w, s) for by_class in table.values()
                    for lst in by_class.values() for bm, bn, w, s in lst}.values())
@@ -309,11 +345,9 @@ def _tiles(table):
 def test_every_table_tile(kernel, config, monkeypatch):
     """Each tile shape the autotune tables can pick, forced, on lengths no tile divides (causal,
     GQA, padding, some rows rotated): the block bounds and masks hold for every BLOCK_M x BLOCK_N."""
-    import triton
-
     bm, bn, w, s = config
     at = bwd._bwd_dkdv if kernel == "dkdv" else bwd._bwd_dq
-    monkeypatch.setattr(at, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)])
+    monkeypatch.setattr(at, "configs", bwd._to_configs([config], **({} if kernel == "dkdv" else {"WIDE": 0})))
     monkeypatch.setattr(at, "cache", {})
     gen = torch.Generator().manual_seed(bm * 1000 + bn)
     q, k, v, do = _qkv(1, 4, 2, 203, 203, 32, torch.float16, gen)
