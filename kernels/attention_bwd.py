@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
-from .tiles import load_chunk, store_chunk, wide_plan
+from .tiles import load_chunk, store_chunk, wide_accumulators, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
@@ -362,11 +362,7 @@ def _bwd_dq_kernel(
     offs_w = tl.arange(0, WC)
     a_col = pid_d * NACC * WC  # first dq column of a wide-split program
     if WIDE_ON:
-        dq = tl.zeros([BLOCK_M, WC], tl.float32)
-        if NACC > 1:
-            dq1 = tl.zeros([BLOCK_M, WC], tl.float32)
-        if NACC > 2:
-            dq2 = tl.zeros([BLOCK_M, WC], tl.float32)
+        dq, dq1, dq2 = wide_accumulators(BLOCK_M, WC)
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     hi = Lk

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
-from .tiles import load_chunk, store_chunk, wide_plan
+from .tiles import load_chunk, store_chunk, wide_accumulators, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
@@ -226,11 +226,7 @@ def _rollingq_fwd_kernel(
             q4 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 4 * WC, offs_w, HEAD_D)
         if NQC > 5:
             q5 = load_chunk(q_base, offs_m, m_ok, s_qm, s_qd, 5 * WC, offs_w, HEAD_D)
-        acc = tl.zeros([BLOCK_M, WC], tl.float32)
-        if NACC > 1:
-            a1 = tl.zeros([BLOCK_M, WC], tl.float32)
-        if NACC > 2:
-            a2 = tl.zeros([BLOCK_M, WC], tl.float32)
+        acc, a1, a2 = wide_accumulators(BLOCK_M, WC)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

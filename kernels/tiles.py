@@ -20,6 +20,14 @@ def store_chunk(base, offs_r, r_ok, s_r, s_c, col0, offs_w, HEAD_D, x):
              mask=r_ok[:, None] & (cols < HEAD_D)[None, :])
 
 
+@triton.jit
+def wide_accumulators(BLOCK_M: tl.constexpr, WC: tl.constexpr):
+    """Three zeroed fp32 [BLOCK_M, WC] accumulators of a wide split (those a program never uses are
+    dead code)."""
+    return (tl.zeros([BLOCK_M, WC], tl.float32), tl.zeros([BLOCK_M, WC], tl.float32),
+            tl.zeros([BLOCK_M, WC], tl.float32))
+
+
 def wide_plan(head_d: int, chunk: int) -> tuple:
     """(chunks of the head, output chunks per program, programs) of a wide split: two programs
     share the head's output columns, each holding at most three chunk accumulators."""

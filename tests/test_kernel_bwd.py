@@ -317,6 +317,18 @@ def test_bwd_dq_wide_split(D, causal, dtype, monkeypatch):
     _run_and_check(q, k, v, ids, _rotation(4, D, gen).to(DEV), 11, causal, do)
 
 
+@pytest.mark.parametrize("D", [768, 520])
+def test_bwd_dq_wide_split_real_widths(D, monkeypatch):
+    """dQ's wide split at its real widths (64-wide score chunks, 128-wide dq chunks) on the paper's
+    D 768 (all three accumulators) and on D 520 (the last chunk 8 columns wide), fp16, causal."""
+    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ], WIDE=1))
+    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    gen = torch.Generator().manual_seed(_seed("dq_wide_real", D))
+    q, k, v, do = _qkv(1, 1, 1, 40, 40, D, torch.float16, gen)
+    ids = _ids(1, 40, per_batch=True, gen=gen).to(DEV)
+    _run_and_check(q, k, v, ids, _rotation(1, D, gen).to(DEV), 40, True, do)
+
+
 def test_dq_wide_split_is_offered_where_it_applies(monkeypatch):
     """The dQ pruner adds the wide rows to Hopper's 16-bit split class up to WIDE_MAX_D, never with
     the in-kernel rotation epilogue, for fp32, or on pre-Hopper cards."""

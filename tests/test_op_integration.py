@@ -55,6 +55,34 @@ def test_gradients_cuda_large(dtype, shape):
     check_gradients(dtype, *shape, seed=sum(shape[:6]))
 
 
+def _backward_split_configs():
+    from rollingq.kernels import attention_bwd as bwd
+
+    return ([("dkdv", r, None) for r in bwd._DKDV_TABLE[90]["split"]]
+            + [("dq", r, 0) for r in bwd._DQ_TABLE[90]["split"]] + [("dq", r, 1) for r in bwd._DQ_WIDE[90]])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel, row, wide", _backward_split_configs(),
+                         ids=lambda x: "BM{}_BN{}_w{}_s{}".format(*x) if isinstance(x, tuple) else str(x))
+def test_backward_split_class_configs_cuda(dtype, kernel, row, wide, monkeypatch):
+    """A gradient test through the autotuner checks only the configs it picks, so each dK/dV and dQ
+    config of the paper layer's class (dQ's wide split too) is forced on D 768. The shape is
+    test_gradients_cuda_large's, so bench/precompile.py has already built these kernels."""
+    from rollingq.kernels import attention_bwd as bwd
+    from rollingq.kernels.common import target_arch
+
+    if target_arch() < 90:
+        pytest.skip("the sm_90 split-class tables: this card plans with the sm_80 ones")
+    at = bwd._bwd_dkdv if kernel == "dkdv" else bwd._bwd_dq
+    monkeypatch.setattr(at, "configs", bwd._to_configs([row], **({} if wide is None else {"WIDE": wide})))
+    monkeypatch.setattr(at, "cache", {})
+    shape = (2, 1, 1, 300, 300, 768, False)
+    assert shape in CUDA_LARGE_SHAPES
+    check_gradients(dtype, *shape, seed=sum(row) + (wide or 0))
+
+
 def test_statistics_are_not_differentiable():
     gen = torch.Generator().manual_seed(5)
     q, k, v = inputs(torch.float32, gen, L=8)
