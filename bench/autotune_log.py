@@ -30,6 +30,7 @@ def install(path: str) -> Callable[[], None]:
                     fh.write(json.dumps({
                         "kernel": self.base_fn.__name__,
                         "key": [str(k) for k in key],
+                        "key_names": list(self.keys),  # the key's leading values; argument dtypes follow
                         "best": str(self.cache[key]),
                         "ms": {str(c): _ms(t) for c, t in getattr(self, "configs_timings", {}).items()},
                     }, sort_keys=True) + "\n")

@@ -25,7 +25,7 @@ unset TRITON_INTERPRET  # the kernels must run on the GPU, not through the inter
 export ROLLINGQ_BENCH_JSONL="$OUT/records.jsonl"
 export ROLLINGQ_AUTOTUNE_JSONL="$OUT/autotune.jsonl"  # every config's time per autotune key (bench step)
 # A reused OUT must not lend an old report to this run's summary.
-rm -f "$ROLLINGQ_BENCH_JSONL" "$ROLLINGQ_AUTOTUNE_JSONL" "$OUT"/{bench.json,results.json,table.md,parity.log,bench.log}
+rm -f "$ROLLINGQ_BENCH_JSONL" "$ROLLINGQ_AUTOTUNE_JSONL" "$OUT"/{bench.json,results.json,table.md,autotune.md,parity.log,bench.log}
 START=$SECONDS
 declare -a FAILED=()
 
@@ -86,6 +86,11 @@ if ! "$PY" -c "import json, sys; json.load(open(sys.argv[1]))" "$SRC" 2>/dev/nul
   echo "no JSON report: summarizing the records written so far"; SRC="$ROLLINGQ_BENCH_JSONL"
 fi
 echo "steps failed: ${FAILED[*]:-none}; total $((SECONDS - START)) s"
+# Which config won each autotune key, and plain vs wide split, to a file (the table prints last).
+if [ -s "$ROLLINGQ_AUTOTUNE_JSONL" ]; then
+  "$PY" bench/autotune_report.py "$ROLLINGQ_AUTOTUNE_JSONL" --out "$OUT/autotune.md" > /dev/null \
+    || FAILED+=("autotune_report")
+fi
 echo
 "$PY" bench/summarize.py "$SRC" --out "$OUT/results.json" --table "$OUT/table.md" || FAILED+=("summarize")
 [ ${#FAILED[@]} -eq 0 ]

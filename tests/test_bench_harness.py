@@ -388,7 +388,36 @@ def test_autotune_log_records_every_decision(tmp_path):
     finally:
         undo()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["key"][0] for r in lines] == ["100", "50"]
+    assert [r["key"][0] for r in lines] == ["100", "50"] and all(r["key_names"] == ["n"] for r in lines)
     for r in lines:
         assert r["kernel"] == "_copy" and "BLOCK: 64" in r["best"]
         assert sorted(r["ms"].values(), key=lambda v: (v is None, v)) == [1.5, 2.0, None]
+
+
+def test_autotune_report_ranks_configs_and_compares_the_wide_split(tmp_path, capsys):
+    """bench/autotune_report.py on decisions in the log's format (config strings as Triton prints
+    them): fastest first with ratios, failed configs last, the plain/wide comparison where a key
+    timed both; an empty log reads as no decision, a missing file exits 2."""
+    import triton
+
+    import autotune_report
+
+    def cfg(bm, bn, s, wide):
+        return str(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WIDE": wide}, num_warps=8, num_stages=s))
+
+    line = {"kernel": "_rollingq_fwd_kernel", "key": ["907", "907", "768", "torch.bfloat16"],
+            "key_names": ["Lq", "Lk", "HEAD_D"], "best": cfg(64, 16, 2, 1),
+            "ms": {cfg(64, 32, 1, 0): 3.0, cfg(64, 16, 2, 1): 2.0, cfg(64, 16, 3, 1): None, cfg(128, 16, 1, 0): 2.5}}
+    path = tmp_path / "autotune.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert autotune_report.main([str(path), "--out", str(tmp_path / "a.md")]) == 0
+    text = capsys.readouterr().out
+    assert text.strip() == (tmp_path / "a.md").read_text().strip()
+    assert "_rollingq_fwd_kernel: Lq=907 Lk=907 HEAD_D=768 torch.bfloat16" in text
+    rows = [r for r in text.splitlines() if r.startswith("| BM")]
+    assert rows == ["| BM64 BN16 w8 s2 wide | 2.0000 | 1.00 |", "| BM128 BN16 w8 s1 | 2.5000 | 1.25 |",
+                    "| BM64 BN32 w8 s1 | 3.0000 | 1.50 |", "| BM64 BN16 w8 s3 wide | failed | - |"]
+    assert "best plain / best wide split: 1.25 (wide faster)" in text
+    path.write_text("")
+    assert autotune_report.main([str(path)]) == 0 and "no autotuning decision" in capsys.readouterr().out
+    assert autotune_report.main([str(tmp_path / "missing.jsonl")]) == 2
