@@ -53,7 +53,7 @@ USE_TMA = enabled_by_default()  # descriptor tiles where possible (kernels/tma.p
 # next wider tiles spill (e.g. BN 128 at D 128 on sm_90, with statistics and rotation on).
 FWD_CONFIGS_BY_ARCH = {
     90: {
-        ("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)],
+        ("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
