@@ -169,8 +169,10 @@ def test_d_split(dtype, causal, rows, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D, causal, tma", [(40, True, True), (72, False, False), (96, True, False), (96, False, True)])
-def test_wide_split(dtype, D, causal, tma, monkeypatch):
+@pytest.mark.parametrize("D, causal, tma, stats", [(40, True, True, True), (72, False, False, True),
+                                                   (96, True, False, True), (96, False, True, True),
+                                                   (96, True, True, False)])
+def test_wide_split(dtype, D, causal, tma, stats, monkeypatch):
     """The wide split (Q resident in WIDE_CHUNK-wide tiles, two programs share the output), forced,
     with 16-wide chunks: D 40 is 3 chunks (the second program's last chunk lies past the head),
     D 72 is 5, D 96 is 6 (every unrolled Q chunk and all 3 accumulators). GQA, padding, rotated rows."""
@@ -182,7 +184,7 @@ def test_wide_split(dtype, D, causal, tma, monkeypatch):
     monkeypatch.setattr(kernel, "cache", {})
     assert attention_fwd.wide_plan(D, 16)[2] == 2
     q, k, v, ids, rot, _ = make_case(2, 4, 2, 37, 37, D, 3, dtype, seed=D + 7 * causal)
-    check(q, k, v, ids, 3, rot, rotate_rows=9, causal=causal)
+    check(q, k, v, ids, 3, rot if stats else None, rotate_rows=9 if stats else None, causal=causal, stats=stats)
 
 
 @pytest.mark.parametrize("D, tma", [(768, True), (520, False)])
