@@ -175,7 +175,8 @@ def test_d_split(dtype, causal, rows, monkeypatch):
 def test_wide_split(dtype, D, causal, tma, stats, monkeypatch):
     """The wide split (Q resident in WIDE_CHUNK-wide tiles, two programs share the output), forced,
     with 16-wide chunks: D 40 is 3 chunks (the second program's last chunk lies past the head),
-    D 72 is 5, D 96 is 6 (every unrolled Q chunk and all 3 accumulators). GQA, padding, rotated rows."""
+    D 72 is 5, D 96 is 6 (every unrolled Q chunk and all 3 accumulators). GQA, padding; rotated
+    rows with statistics, or neither."""
     monkeypatch.setattr(attention_fwd, "MAX_SINGLE_D", 16)
     monkeypatch.setattr(attention_fwd, "WIDE_CHUNK", 16)
     monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
