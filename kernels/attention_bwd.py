@@ -30,8 +30,9 @@ the epilogue runs afterwards in torch as one batched matmul in q's dtype
 The split path recomputes the full-D scores once per output slice: at D = 768 with 256-wide slices
 dK/dV does (768/256) x (2 + 2/3) = 8 units of M*N*D work where a resident kernel would do 4, and dQ
 (768/256) x (2 + 1/3) = 7 instead of 3. On Hopper (16-bit) dQ's autotuner also tries a wide split
-(two programs, each with three 128-wide dq accumulators: 2 x (2 + 1/2) = 5 units at D = 768). Thresholds, chunk widths and configs come from ptxas
-register/spill reports for sm_90a and sm_80 (bench/inspect_kernels.py); timing them on a GPU is open.
+(two programs, each with three 128-wide dq accumulators: 2 x (2 + 1/2) = 5 units at D = 768).
+Thresholds, chunk widths and configs come from ptxas register/spill reports for sm_90a and sm_80
+(bench/inspect_kernels.py); timing them on a GPU is open.
 """
 from typing import List, Optional, Tuple
 
@@ -423,7 +424,7 @@ def _bwd_dq_kernel(
     dq_ptr = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm
     if WIDE_ON:
         dq_base = DQ + b * s_dqb + h * s_dqh
-        store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col, offs_w, HEAD_D, dq)
+        store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col, offs_w, HEAD_D, dq)  # scaled above
         if NACC > 1:
             store_chunk(dq_base, offs_m, m_ok, s_dqm, s_dqd, a_col + WC, offs_w, HEAD_D, dq1 * sm_scale)
         if NACC > 2:

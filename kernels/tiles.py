@@ -1,5 +1,6 @@
-"""Masked loads and stores of one column chunk of a [rows, HEAD_D] slice, shared by the kernels'
-wide splits (which hold a head as several fixed-width chunks: Triton has no arrays of tiles)."""
+"""The pieces the kernels' wide splits share. A wide split holds a head as several fixed-width
+column chunks (Triton has no arrays of tiles): masked loads and stores of one chunk of a
+[rows, HEAD_D] slice, the chunk accumulators, and the host-side plan (chunks and programs)."""
 import triton
 import triton.language as tl
 

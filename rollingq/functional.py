@@ -110,9 +110,8 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
     launchers know without reading it). bench/launches.py drives the kernels through it too."""
     B, _, Lq, _ = q.shape
     ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
-    rows = rotate_row_mask(rotate_rows, B, Lq, q.device) if rotation is not None else None
-    if rows is None:
+    if rotation is None or rotate_rows is None:
         return ids, None, None
     if isinstance(rotate_rows, int) and rotate_rows == Lq:
         return ids, rotation.detach().float(), None
-    return ids, rotation.detach().float(), rows.view(torch.uint8)
+    return ids, rotation.detach().float(), rotate_row_mask(rotate_rows, B, Lq, q.device).view(torch.uint8)
