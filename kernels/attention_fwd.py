@@ -50,11 +50,14 @@ USE_TMA = enabled_by_default()  # descriptor tiles where possible (kernels/tma.p
 # num_stages). Every entry compiles for its target (sm_90: H100/H200; sm_80: A100, also used for
 # other pre-Hopper cards) without register spills and within shared memory, as checked by
 # bench/inspect_kernels.py (and tests/test_aot_compile.py) on the launches of real shapes; the
-# next wider tiles spill (e.g. BN 128 at D 128 on sm_90, with statistics and rotation on).
+# next wider tiles spill (e.g. BN 128 at D 128 on sm_90 with pointer loads, statistics and rotation on).
+# A (precision, class, "tma") list is offered only with descriptor loads, which free the registers
+# that its tiles need; "wide" lists are the wide split's (offered beside "split", see _prune).
 FWD_CONFIGS_BY_ARCH = {
     90: {
         ("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+        ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("16bit", 128, "tma"): [(128, 128, 8, 3)],  # spills with pointer loads: descriptors only
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
         ("16bit", "wide"): [(64, 16, 8, 2), (64, 16, 8, 3)],
@@ -87,11 +90,14 @@ def _config(t, wide=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WIDE": int(wide)}, num_warps=w, num_stages=s)
 
 
+def _table_configs():
+    """Every row of every table once (a row of a "wide" list as a wide-split config)."""
+    return [_config(t, wide) for wide, t in sorted({(key[1] == "wide", t) for table in FWD_CONFIGS_BY_ARCH.values()
+                                                    for key, lst in table.items() for t in lst})]
+
+
 def _configs():
-    if interpreting():
-        return [_config(INTERPRET_CONFIG)]
-    return [_config(t, wide) for wide, t in sorted({(cls == "wide", t) for table in FWD_CONFIGS_BY_ARCH.values()
-                                                    for (_, cls), lst in table.items() for t in lst})]
+    return [_config(INTERPRET_CONFIG)] if interpreting() else _table_configs()
 
 
 def _max_single_d(arch: int) -> int:
@@ -104,7 +110,7 @@ def _prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
     table = FWD_CONFIGS_BY_ARCH[target_arch()]
     prec, cls = _d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])
-    wanted = {(t, 0) for t in table[prec, cls]}
+    wanted = {(t, 0) for t in table[prec, cls] + (table.get((prec, cls, "tma"), []) if args["TMA"] else [])}
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}
     key = lambda c: ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["WIDE"])  # noqa: E731

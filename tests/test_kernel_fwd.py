@@ -205,18 +205,34 @@ def test_wide_split_is_offered_up_to_its_limit():
     6 chunks; wider heads, fp32 and pre-Hopper cards get the plain split only."""
     from rollingq.kernels.common import planning_for
 
-    configs = [attention_fwd._config(t, cls == "wide") for table in attention_fwd.FWD_CONFIGS_BY_ARCH.values()
-               for (_, cls), lst in table.items() for t in lst]
+    configs = attention_fwd._table_configs()
 
     def wide_kept(arch, d, ieee):
         with planning_for(arch):
-            kept = attention_fwd._prune(configs, {"HEAD_D": d, "SPLIT": True, "IEEE": ieee})
+            kept = attention_fwd._prune(configs, {"HEAD_D": d, "SPLIT": True, "IEEE": ieee, "TMA": True})
         assert kept
         return sum(c.kwargs["WIDE"] for c in kept)
 
     assert wide_kept(90, 768, False) == len(attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", "wide")])
     assert wide_kept(90, 520, False) > 0
     assert wide_kept(90, 776, False) == 0 and wide_kept(90, 768, True) == 0 and wide_kept(80, 768, False) == 0
+
+
+def test_descriptor_only_rows_need_descriptors():
+    """A ("16bit", class, "tma") row (it spills with pointer loads) is offered only to launches
+    that fetch K/V through tensor descriptors."""
+    from rollingq.kernels.common import planning_for
+
+    rows = attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", 128, "tma")]
+    configs = attention_fwd._table_configs()
+
+    def kept(tma):
+        with planning_for(90):
+            got = attention_fwd._prune(configs, {"HEAD_D": 128, "SPLIT": False, "IEEE": False, "TMA": tma})
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in got}
+
+    plain = set(attention_fwd.FWD_CONFIGS_BY_ARCH[90][("16bit", 128)])
+    assert kept(False) == plain and kept(True) == plain | set(rows)
 
 
 @pytest.mark.cuda
