@@ -42,7 +42,8 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
-from .tiles import load_chunk, store_chunk, wide_accumulators, wide_plan
+from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
+                    wide_plan)
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
@@ -56,9 +57,7 @@ SPLIT_DQ_CHUNK_IEEE = 64  # the same for fp32 inputs (FMA dots: a 256-wide fp32 
 # dQ's wide split (Hopper, 16-bit, heads up to WIDE_MAX_D, a config choice): two programs share the
 # dq columns as up to three WIDE_CHUNK-wide accumulators each, so the full-D scores and do.v^T
 # are recomputed twice instead of three times at D 768 (2 x (768 + 768 + 384) units of M*N*D
-# work instead of 3 x (768 + 768 + 256)).
-WIDE_CHUNK = 128
-WIDE_MAX_D = 6 * WIDE_CHUNK
+# work instead of 3 x (768 + 768 + 256)). WIDE_CHUNK and WIDE_MAX_D come from kernels/tiles.py.
 ROT_CHUNK = 32  # R columns per step of the in-kernel dq rotation epilogue (fp16/bf16)
 ROT_CHUNK_IEEE = 16  # the same for fp32 inputs
 PRE_BLOCK_M = 64  # rows per program of the delta pre-pass (memory bound: no tuning)
@@ -253,21 +252,9 @@ def _bwd_dkdv_kernel(
             m_ok = offs_m < Lq
             if SPLIT:
                 # Full-D scores and do.v^T, chunk by chunk; only this program's D slice is kept.
-                st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                for c in range(NUM_DC):
-                    offs_c = c * BLOCK_D + offs_d
-                    c_ok = offs_c < HEAD_D
-                    kc = tl.load(k_base + offs_n[:, None] * s_kn + offs_c[None, :] * s_kd,
-                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-                    qct = tl.load(q_base + offs_m[None, :] * s_qm + offs_c[:, None] * s_qd,
-                                  mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-                    st = tl.dot(kc, qct, st, input_precision=prec)
-                    vc = tl.load(v_base + offs_n[:, None] * s_vn + offs_c[None, :] * s_vd,
-                                 mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-                    doct = tl.load(do_base + offs_m[None, :] * s_dm + offs_c[:, None] * s_dd,
-                                   mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-                    dpt = tl.dot(vc, doct, dpt, input_precision=prec)
+                st, dpt = chunked_products(k_base, s_kn, s_kd, q_base, s_qm, s_qd, v_base, s_vn, s_vd,
+                                           do_base, s_dm, s_dd, offs_n, n_ok, offs_m, m_ok, offs_d, HEAD_D,
+                                           NUM_DC, BLOCK_D, prec)
                 o_msk = m_ok[:, None] & dv_ok[None, :]
                 q_o = tl.load(q_base + offs_m[:, None] * s_qm + offs_dv[None, :] * s_qd, mask=o_msk, other=0.0)
                 do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_dv[None, :] * s_dd, mask=o_msk, other=0.0)
@@ -374,21 +361,9 @@ def _bwd_dq_kernel(
         n_ok = offs_n < Lk
         ids = tl.load(ids_base + offs_n * s_in, mask=n_ok, other=-1)
         if SPLIT:
-            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for c in range(NUM_DC):
-                offs_c = c * BLOCK_D + offs_d
-                c_ok = offs_c < HEAD_D
-                qc = tl.load(q_base + offs_m[:, None] * s_qm + offs_c[None, :] * s_qd,
-                             mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-                kct = tl.load(k_base + offs_n[None, :] * s_kn + offs_c[:, None] * s_kd,
-                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-                s = tl.dot(qc, kct, s, input_precision=prec)
-                doc = tl.load(do_base + offs_m[:, None] * s_dm + offs_c[None, :] * s_dd,
-                              mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-                vct = tl.load(v_base + offs_n[None, :] * s_vn + offs_c[:, None] * s_vd,
-                              mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-                dp = tl.dot(doc, vct, dp, input_precision=prec)
+            s, dp = chunked_products(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dm, s_dd,
+                                     v_base, s_vn, s_vd, offs_m, m_ok, offs_n, n_ok, offs_d, HEAD_D,
+                                     NUM_DC, BLOCK_D, prec)
             if not WIDE_ON:
                 k_o = tl.load(k_base + offs_n[:, None] * s_kn + offs_dv[None, :] * s_kd,
                               mask=n_ok[:, None] & dv_ok[None, :], other=0.0)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, row_mask_or_all, target_arch
 from .grid import launch_grid, program_ids
-from .tiles import load_chunk, store_chunk, wide_accumulators, wide_plan
+from .tiles import WIDE_CHUNK, WIDE_MAX_D, load_chunk, store_chunk, wide_accumulators, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
@@ -37,8 +37,7 @@ SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and pre-Hopper cards: 256 wide sp
 # The wide variant of the split (Hopper, 16-bit, heads up to WIDE_MAX_D): Q stays resident as up
 # to 6 WIDE_CHUNK-wide tiles and two programs share the output (3 chunks each), so the scores are
 # computed twice instead of three times at D 768; the autotuner picks it or the plain split.
-WIDE_CHUNK = 128
-WIDE_MAX_D = 6 * WIDE_CHUNK
+# WIDE_CHUNK and WIDE_MAX_D come from kernels/tiles.py.
 KS_BLOCK = 64  # keys per step of the key-sum loop; fixed so the partial buffer is config-independent
 MAX_BLOCK_M = 128  # largest BLOCK_M of any config: bounds the number of key-sum workers
 ROT_CHUNK = 16  # columns of D per step of the in-kernel rotation
