@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2, row_mask_or_all, target_arch
+from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
 from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
                     wide_plan)
@@ -302,6 +302,7 @@ def _bwd_dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
+    EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated store
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (single path only; kernels/tma.py)
     WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
@@ -412,9 +413,13 @@ def _bwd_dq_kernel(
         # shared memory). dq' and R go into the dot in q's dtype (fp32 accumulation): the
         # arithmetic autograd does for q @ R^T in that dtype, and an fp32 dq' operand spilled
         # registers at D = 256 (ptxas, sm_90a).
-        sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
         dq = dq.to(DQ.dtype.element_ty)
-        tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq, mask=(m_ok & ~sel)[:, None] & dv_ok[None, :])
+        if EVERY_ROW:
+            rot_rows = m_ok
+        else:
+            sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
+            tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq, mask=(m_ok & ~sel)[:, None] & dv_ok[None, :])
+            rot_rows = m_ok & sel
         r_base = ROT + h * HEAD_D * HEAD_D
         for c in tl.static_range(BLOCK_DV // ROT_CHUNK):
             offs_e = c * ROT_CHUNK + tl.arange(0, ROT_CHUNK)
@@ -423,7 +428,7 @@ def _bwd_dq_kernel(
                         other=0.0).to(dq.dtype)
             dq_rot = tl.dot(dq, r, input_precision=prec)
             tl.store(dq_ptr + offs_e[None, :] * s_dqd, dq_rot.to(DQ.dtype.element_ty),
-                     mask=(m_ok & sel)[:, None] & e_ok[None, :])
+                     mask=rot_rows[:, None] & e_ok[None, :])
     else:
         tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
@@ -589,12 +594,9 @@ def attention_bwd(
     split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     in_kernel_rot = rotate and n_dv == 1
-    if in_kernel_rot:
-        rot = rotation.detach().to(torch.float32).contiguous()
-        rm = row_mask_or_all(rot_mask, B, Lq, dev)
-    else:
-        rot = delta  # never read: ROTATE is a constexpr False
-        rm = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    rot = rotation.detach().to(torch.float32).contiguous() if in_kernel_rot else delta  # delta: never read
+    every_row = in_kernel_rot and rot_mask is None
+    rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
     n_wide = wide_plan(D, WIDE_CHUNK)[2]
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
@@ -604,7 +606,7 @@ def attention_bwd(
         H, Lq, Lk, group, float(scale), qk_scale,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-        TMA=tma_dq and not split, WC=WIDE_CHUNK,
+        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, next_pow2, row_mask_or_all, target_arch
+from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
 from .tiles import WIDE_CHUNK, WIDE_MAX_D, load_chunk, store_chunk, wide_accumulators, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
@@ -155,6 +155,7 @@ def _rollingq_fwd_kernel(
     NUM_DC: tl.constexpr,  # number of D chunks in the score loop (1 on the single path)
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
+    EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated Q tile
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
     WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
@@ -204,11 +205,14 @@ def _rollingq_fwd_kernel(
                 rt = tl.load(r_base + offs_d[None, :] * HEAD_D + (c + offs_r)[:, None],
                              mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(dt)
                 q_rot = tl.dot(qc, rt, q_rot, input_precision=prec)
-            # The full Q tile is loaded only now, so it is not live during the rotation loop.
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
-            q = tl.where(sel[:, None], q_rot.to(dt), q)
+            if EVERY_ROW:
+                q = q_rot.to(dt)
+            else:
+                # The full Q tile is loaded only now, so it is not live during the rotation loop.
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                            mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
+                q = tl.where(sel[:, None], q_rot.to(dt), q)
         else:
             q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -420,7 +424,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         mass = ksum_part = lse  # never touched: STATS is a constexpr False
     block_d, block_dv, num_dc = _d_plan(D, split, q.dtype == torch.float32, arch)
     rot = rotation.to(torch.float32).contiguous() if rotate else lse
-    rm = row_mask_or_all(rot_mask, B, Lq, dev) if rotate else torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    rm = rot_mask if (rotate and rot_mask is not None) else ids  # ids: a stand-in the kernel never reads
     n_dv = triton.cdiv(D, block_dv)
 
     def grid(meta):
@@ -440,6 +444,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         scale * 1.4426950408889634,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
+        EVERY_ROW=rotate and rot_mask is None,
         SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
         TMA=tma, WC=WIDE_CHUNK,
     )

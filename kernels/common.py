@@ -12,15 +12,6 @@ def next_pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def row_mask_or_all(rot_mask, batch: int, lq: int, device):
-    """The uint8 [B, Lq] row mask a kernel reads; None (every row rotated) as a stride-0 view of one 1."""
-    import torch
-
-    if rot_mask is None:
-        return torch.ones(1, 1, dtype=torch.uint8, device=device).expand(batch, lq)
-    return rot_mask.view(torch.uint8) if rot_mask.dtype == torch.bool else rot_mask
-
-
 TARGET_ARCH = None  # set by ahead-of-time builds (bench/inspect_kernels.py) to plan for a card not here
 
 
