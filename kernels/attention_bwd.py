@@ -42,6 +42,8 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
+from .rotate import dense_rotation
+from .rotate import rotate as rotate_rows
 from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
                     wide_plan)
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
@@ -512,8 +514,10 @@ def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask) -> None:
                          f"{tuple(ids.shape)}")
     if causal and Lq != Lk:
         raise ValueError(f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
-    if rotation is not None and tuple(rotation.shape) != (H, D, D):
-        raise ValueError(f"rotation must be [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
+    if rotation is not None and not (tuple(rotation.shape) == (H, D, D) or (
+            rotation.dim() == 4 and tuple(rotation.shape[:3]) == (H, 2, D) and 1 <= rotation.shape[3] <= D)):
+        raise ValueError(f"rotation must be [H, D, D] = [{H}, {D}, {D}] or packed [H, 2, D, r] = [{H}, 2, {D}, r], "
+                         f"got {tuple(rotation.shape)}")
     if rot_mask is not None and (rot_mask.dim() != 2 or tuple(rot_mask.shape) != (B, Lq)
                                  or rot_mask.dtype not in (torch.bool, torch.uint8)):
         raise ValueError(f"rot_mask must be a bool/uint8 [B, Lq] = [{B}, {Lq}] tensor, got "
@@ -545,7 +549,8 @@ def attention_bwd(
         ids: int [B, Lk] modality ids, -1 = padding (stride(0) == 0 allowed; a 1-D [Lk] is expanded).
         causal: query i sees keys 0..i (Lq == Lk).
         scale: the softmax scale the forward used.
-        rotation: [H, D, D] float or None; rot_mask: bool/uint8 [B, Lq] (stride(0) == 0 allowed)
+        rotation: float [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or
+            None; rot_mask: bool/uint8 [B, Lq] (stride(0) == 0 allowed)
             selects the rotated rows, None: every row (when a rotation is given).
 
     Returns:
@@ -594,7 +599,7 @@ def attention_bwd(
     split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     in_kernel_rot = rotate and n_dv == 1
-    rot = rotation.detach().to(torch.float32).contiguous() if in_kernel_rot else delta  # delta: never read
+    rot = dense_rotation(rotation.detach()) if in_kernel_rot else delta  # delta: never read
     every_row = in_kernel_rot and rot_mask is None
     rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
     n_wide = wide_plan(D, WIDE_CHUNK)[2]
@@ -609,8 +614,6 @@ def attention_bwd(
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:
-        # dq is split over D chunks, so no program held a full dq' row: rotate afterwards, in q's
-        # dtype (what autograd does for q @ R^T in that dtype).
-        dq_rot = torch.einsum("bhld,hde->bhle", dq, rotation.detach().to(dq.dtype))
-        dq = dq_rot if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], dq_rot, dq)
+        # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards.
+        dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True)
     return dq, dk, dv

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
+from .rotate import dense_rotation
+from .rotate import rotate as rotate_rows
 from .tiles import WIDE_CHUNK, WIDE_MAX_D, load_chunk, store_chunk, wide_accumulators, wide_plan
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
@@ -390,7 +392,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     """Launch the fused forward.
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
-    rotation [H, D, D] contiguous or None; rot_mask uint8 [B, Lq] (stride 0 allowed) selects the
+    rotation float32 [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or None; rot_mask uint8 [B, Lq] (stride 0 allowed) selects the
     rotated rows, None: every row (when a rotation is given).
     Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
@@ -405,8 +407,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     if rotate and (split or q.dtype == torch.float32):
         # The split path cannot hold a full rotated Q row per program, and fp32's exact (non-tensor-
         # core) dot spills registers when it rotates in-kernel: both rotate once up front.
-        rotated = torch.einsum("bhld,hed->bhle", q, rotation.to(q.dtype))
-        q = rotated if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], rotated, q)
+        q = rotate_rows(q, rotation, rot_mask)
         rotate = False
     q_rot_out = None
     if save_qrot:
@@ -423,7 +424,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         workers = 0
         mass = ksum_part = lse  # never touched: STATS is a constexpr False
     block_d, block_dv, num_dc = _d_plan(D, split, q.dtype == torch.float32, arch)
-    rot = rotation.to(torch.float32).contiguous() if rotate else lse
+    rot = dense_rotation(rotation) if rotate else lse
     rm = rot_mask if (rotate and rot_mask is not None) else ids  # ids: a stand-in the kernel never reads
     n_dv = triton.cdiv(D, block_dv)
 

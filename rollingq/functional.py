@@ -6,7 +6,8 @@ import torch
 
 from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
-from .validation import SUPPORTED_DTYPES, RotateRows, check_inputs, rotate_row_mask
+from .rotation import LowRankRotation
+from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs, rotate_row_mask
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
@@ -45,7 +46,7 @@ def rollingq_attention(
     v: torch.Tensor,
     modality_ids: torch.Tensor,
     num_modalities: int,
-    rotation: Optional[torch.Tensor] = None,
+    rotation: Rotation = None,
     rotate_rows: RotateRows = None,
     causal: bool = False,
     scale: Optional[float] = None,
@@ -59,8 +60,10 @@ def rollingq_attention(
         modality_ids: int [Lk] (shared by the batch) or [B, Lk]: the modality 0..M-1 of each key,
             or -1 for padding (the key is ignored).
         num_modalities: M, 1..16.
-        rotation: [H, D, D] per-head rotation, or None. Selected rows use q' = q @ rotation[h]^T.
-            Treated as a constant (no gradient).
+        rotation: [H, D, D] per-head rotation, a `rollingq.rotation.LowRankRotation` (the same
+            rotation as I + left @ right^T: what `RollingQAttention` passes after plane rotations,
+            much cheaper at large D), or None. Selected rows use q' = q @ rotation[h]^T. Treated
+            as a constant (no gradient).
         rotate_rows: which query rows are rotated: None (none), an int n (rows 0..n-1), or a bool
             mask [Lq] or [B, Lq].
         causal: query i sees keys 0..i; requires Lq == Lk.
@@ -103,15 +106,23 @@ def rollingq_attention(
 
 
 def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tensor,
-                     rotation: Optional[torch.Tensor], rotate_rows: RotateRows):
+                     rotation: Rotation, rotate_rows: RotateRows):
     """What the kernel path hands the fused op, from validated arguments: int32 ids [B, Lk] (shared
-    ids as a stride-0 batch view, no copy), the rotation in float32 [H, D, D] and a uint8 row mask
-    [B, Lq] (both None when no row is rotated; the mask alone None when every row is, which the
-    launchers know without reading it). bench/launches.py drives the kernels through it too."""
+    ids as a stride-0 batch view, no copy), the rotation in float32 (dense [H, D, D], or a
+    LowRankRotation packed as [H, 2, D, r] = (left, right)) and a uint8 row mask [B, Lq] (both None
+    when no row is rotated or the rotation is the identity, r = 0; the mask alone None when every
+    row is, which the launchers know without reading it). bench/launches.py drives the kernels
+    through it too."""
     B, _, Lq, _ = q.shape
     ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
     if rotation is None or rotate_rows is None:
         return ids, None, None
+    if isinstance(rotation, LowRankRotation):
+        if rotation.rank == 0:
+            return ids, None, None
+        rot = torch.stack([rotation.left.detach(), rotation.right.detach()], 1).float().contiguous()
+    else:
+        rot = rotation.detach().float()
     if isinstance(rotate_rows, int) and rotate_rows == Lq:
-        return ids, rotation.detach().float(), None
-    return ids, rotation.detach().float(), rotate_row_mask(rotate_rows, B, Lq, q.device).view(torch.uint8)
+        return ids, rot, None
+    return ids, rot, rotate_row_mask(rotate_rows, B, Lq, q.device).view(torch.uint8)

@@ -8,8 +8,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from .rotation import LowRankRotation
 from .stats import AttentionStats
-from .validation import RotateRows, check_inputs, rotate_row_mask
+from .validation import Rotation, RotateRows, check_inputs, rotate_row_mask
 
 
 def modality_one_hot(ids: torch.Tensor, num_modalities: int, dtype: torch.dtype) -> torch.Tensor:
@@ -23,10 +24,13 @@ def key_counts(ids: torch.Tensor, num_modalities: int) -> torch.Tensor:
     return (ids.unsqueeze(-1) == torch.arange(num_modalities, device=ids.device)).sum(-2)
 
 
-def rotate_queries(q: torch.Tensor, rotation: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """q' = q @ rotation[h]^T on the rows selected by `rows` ([B, Lq] bool), q elsewhere."""
+def rotate_queries(q: torch.Tensor, rotation: Rotation, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """q' = q @ rotation[h]^T on the rows selected by `rows` ([B, Lq] bool), q elsewhere. A
+    LowRankRotation is made dense in float64 first (then cast to q's dtype, like a dense one)."""
     if rotation is None or rows is None:
         return q
+    if isinstance(rotation, LowRankRotation):
+        rotation = rotation.dense(torch.float64)
     rotated = torch.einsum("bhld,hed->bhle", q, rotation.detach().to(q.dtype))
     return torch.where(rows[:, None, :, None], rotated, q)
 
@@ -37,7 +41,7 @@ def rollingq_attention_reference(
     v: torch.Tensor,
     modality_ids: torch.Tensor,
     num_modalities: int,
-    rotation: Optional[torch.Tensor] = None,
+    rotation: Rotation = None,
     rotate_rows: RotateRows = None,
     causal: bool = False,
     scale: Optional[float] = None,

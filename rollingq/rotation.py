@@ -4,11 +4,13 @@ target, and the attention-imbalance statistics.
 Everything is computed in float64 and returned in the inputs' floating dtype. Every function is
 batched over leading dimensions (typically heads).
 """
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 __all__ = [
+    "LowRankRotation",
+    "low_rank_rotation",
     "plane_rotation",
     "svd_rotation",
     "balanced_target",
@@ -133,6 +135,66 @@ def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         Rs.append(R)
     R = torch.stack(Rs).reshape(xd.shape + (D,))
     return R.to(dtype)
+
+
+class LowRankRotation(NamedTuple):
+    """A per-head rotation stored as the identity plus a low-rank term: R = I + left @ right^T.
+
+    RollingQ's minimal rotation (`plane_rotation`) differs from the identity in a 2-D plane, so
+    after k of them R - I has rank at most 2k. Rotating a query row then costs 4 D r multiply-adds,
+    q' = q + (q @ right) @ left^T, instead of 2 D^2 (at the paper's D = 768 and r = 2, 1/192).
+    `rollingq_attention` accepts it wherever it accepts a dense [H, D, D] rotation.
+
+    Fields:
+        left, right: [H, D, r] floating point, one shape, 0 <= r <= D (r = 0: the identity).
+    """
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[-1]
+
+    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """[H, D, D] = I + left @ right^T, computed in float64, returned in `dtype` (default left's)."""
+        lo, ro = self.left.detach().double(), self.right.detach().double()
+        eye = torch.eye(lo.shape[-2], dtype=torch.float64, device=lo.device)
+        return (eye + lo @ ro.transpose(-1, -2)).to(dtype or self.left.dtype)
+
+
+def low_rank_rotation(rotation: torch.Tensor, max_rank: Optional[int] = None,
+                      rtol: Optional[float] = None) -> Optional[LowRankRotation]:
+    """Factor rotations [H, D, D] as `LowRankRotation` (I + left @ right^T), or None.
+
+    R - I is factored by an SVD in float64 on the CPU (deterministic, so data-parallel ranks holding
+    the same R get the same factors); singular values at or below `rtol` (default: the rounding
+    noise of R's dtype, eps * sqrt(D)) are dropped, which changes q' = q @ R^T by at most that
+    fraction of |q|. The rank r is the largest over heads (other heads' extra columns are zero).
+
+    Returns:
+        None when r > max_rank (a dense rotation is then cheaper); LowRankRotation with float32
+        [H, D, r] factors on R's device otherwise, r = 0 (no column) when R is the identity.
+    """
+    if not isinstance(rotation, torch.Tensor) or rotation.dim() != 3 or rotation.shape[-1] != rotation.shape[-2] \
+            or not rotation.dtype.is_floating_point:
+        shape = tuple(rotation.shape) if isinstance(rotation, torch.Tensor) else type(rotation).__name__
+        raise ValueError(f"rotation must be a floating point [H, D, D] tensor, got {shape}")
+    H, D, _ = rotation.shape
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0):
+        raise ValueError(f"max_rank must be None or an int >= 0, got {max_rank!r}")
+    if rtol is None:
+        rtol = torch.finfo(rotation.dtype).eps * D ** 0.5
+    r64 = rotation.detach().to("cpu", torch.float64)
+    delta = r64 - torch.eye(D, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(delta)
+    rank = int((s > rtol).sum(-1).max().item()) if H else 0
+    if max_rank is not None and rank > max_rank:
+        return None
+    keep = (s[:, :rank] > rtol).to(torch.float64)  # a head's columns below its own rank: zero
+    left = u[:, :, :rank] * (s[:, :rank] * keep)[:, None, :]
+    right = vh[:, :rank, :].transpose(-1, -2)
+    dev = rotation.device
+    return LowRankRotation(left.to(dev, torch.float32), right.to(dev, torch.float32))
 
 
 def balanced_target(kbar: torch.Tensor, qbar: torch.Tensor, c: torch.Tensor,

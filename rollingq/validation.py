@@ -10,7 +10,10 @@ from typing import Optional, Union
 
 import torch
 
+from .rotation import LowRankRotation
+
 RotateRows = Union[None, int, torch.Tensor]
+Rotation = Union[None, torch.Tensor, LowRankRotation]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_MODALITIES = 16
@@ -32,7 +35,7 @@ def check_inputs(
     v: torch.Tensor,
     modality_ids: torch.Tensor,
     num_modalities: int,
-    rotation: Optional[torch.Tensor],
+    rotation: Rotation,
     rotate_rows: RotateRows,
     causal: bool,
     scale: Optional[float],
@@ -71,8 +74,11 @@ def check_inputs(
         _require(lo >= -1 and hi < num_modalities,
                  f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
 
-    if rotation is not None:
-        _require(isinstance(rotation, torch.Tensor), "rotation must be a torch.Tensor or None", TypeError)
+    if isinstance(rotation, LowRankRotation):
+        _check_low_rank(rotation, H, D, q.device, check_values)
+    elif rotation is not None:
+        _require(isinstance(rotation, torch.Tensor), "rotation must be a torch.Tensor, a LowRankRotation or None",
+                 TypeError)
         _require(rotation.shape == (H, D, D), f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
         _require(rotation.dtype.is_floating_point, f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, f"rotation must be on {q.device}, got {rotation.device}")
@@ -94,6 +100,21 @@ def check_inputs(
     if scale is not None:
         _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and float(scale) == float(scale)
                  and abs(float(scale)) != float("inf"), f"scale must be a finite number or None, got {scale!r}")
+
+
+def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_values: bool) -> None:
+    for name, t in (("rotation.left", rotation.left), ("rotation.right", rotation.right)):
+        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _require(t.dim() == 3 and t.shape[:2] == (H, D) and t.shape[2] <= D,
+                 f"{name} must have shape [H, D, r] = [{H}, {D}, r] with r <= {D}, got {tuple(t.shape)}")
+        _require(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}", TypeError)
+        _require(t.device == device, f"{name} must be on {device}, got {t.device}")
+    _require(rotation.left.shape == rotation.right.shape,
+             f"rotation.left and rotation.right must have one shape [H, D, r], got {tuple(rotation.left.shape)} "
+             f"and {tuple(rotation.right.shape)}")
+    if check_values:
+        _require(bool(torch.isfinite(rotation.left).all() & torch.isfinite(rotation.right).all()),
+                 "rotation.left and rotation.right must be finite (they hold NaN or inf)")
 
 
 def rotate_row_mask(rotate_rows: RotateRows, batch: int, lq: int, device) -> Optional[torch.Tensor]:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rollingq
+from rollingq.rotation import LowRankRotation
 
 
 def base(**over):
@@ -32,6 +33,17 @@ def base(**over):
     (dict(num_modalities=17, modality_ids=torch.zeros(6, dtype=torch.long)), ValueError, "num_modalities"),
     (dict(rotation=torch.randn(4, 8, 7), rotate_rows=1), ValueError, "rotation must have shape"),
     (dict(rotation=torch.full((4, 8, 8), float("nan")), rotate_rows=1), ValueError, "rotation must be finite"),
+    (dict(rotation=LowRankRotation(torch.randn(4, 8, 2), torch.randn(4, 8, 3)), rotate_rows=1), ValueError,
+     "rotation.left and rotation.right must have one shape"),
+    (dict(rotation=LowRankRotation(torch.randn(4, 7, 2), torch.randn(4, 7, 2)), rotate_rows=1), ValueError,
+     r"rotation.left must have shape \[H, D, r\] = \[4, 8, r\]"),
+    (dict(rotation=LowRankRotation(torch.randn(4, 8, 2), torch.randn(4, 8, 2).long()), rotate_rows=1), TypeError,
+     "rotation.right must be floating point"),
+    (dict(rotation=LowRankRotation(torch.randn(4, 8, 2), "no"), rotate_rows=1), TypeError,
+     "rotation.right must be a torch.Tensor"),
+    (dict(rotation=LowRankRotation(torch.full((4, 8, 2), float("inf")), torch.randn(4, 8, 2)), rotate_rows=1),
+     ValueError, "must be finite"),
+    (dict(rotation="rot", rotate_rows=1), TypeError, "rotation must be a torch.Tensor, a LowRankRotation or None"),
     (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=7), ValueError, "rotate_rows as an int"),
     (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=torch.ones(5, dtype=torch.bool)), ValueError, "rotate_rows must have shape"),
     (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=torch.ones(6)), TypeError, "rotate_rows as a tensor must be bool"),

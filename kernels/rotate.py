@@ -1,0 +1,129 @@
+"""Rotating query rows outside the attention kernels: dense, or as the identity plus a low rank.
+
+The launchers get the rotation in one of two float32 forms (rollingq.functional.kernel_arguments):
+- dense [H, D, D]: x' = x @ R^T, a batched matmul (2 D^2 multiply-adds per row);
+- packed [H, 2, D, r] = (left, right) with R = I + left @ right^T: x' = x + (x @ right) @ left^T,
+  4 D r multiply-adds per row, done here by one memory-bound kernel that reads x, forms the r
+  projections in float32 and writes x' once (RollingQ's plane rotations give r = 2 per rotation).
+The backward needs x @ R (dq = dq' R): the transpose, which swaps left and right.
+Kernels that rotate in-kernel (the single path) take the dense form, made by `dense_rotation`.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import next_pow2
+
+BLOCK_L = 32  # rows per program
+# Products of one D slice with the factors as [BLOCK_L, BLOCK_D, BLOCK_R] broadcasts: BLOCK_D shrinks
+# as r grows so that temporary stays at this many elements; from r > 8 on the kernel uses tl.dot.
+PRODUCT_ELEMS = 8192
+DOT_MIN_R = 16
+
+
+def is_low_rank(rotation: torch.Tensor) -> bool:
+    """True for the packed [H, 2, D, r] form, False for a dense [H, D, D] rotation."""
+    return rotation.dim() == 4
+
+
+def dense_rotation(rotation: torch.Tensor) -> torch.Tensor:
+    """Either form -> contiguous float32 [H, D, D] (I + left @ right^T for the packed form)."""
+    if not is_low_rank(rotation):
+        return rotation.to(torch.float32).contiguous()
+    left, right = rotation[:, 0].float(), rotation[:, 1].float()
+    eye = torch.eye(left.shape[1], dtype=torch.float32, device=left.device).expand(left.shape[0], -1, -1)
+    return torch.baddbmm(eye, left, right.transpose(1, 2))
+
+
+@triton.jit
+def _low_rank_rotate_kernel(
+    x_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
+    s_xb, s_xh, s_xl, s_xd,
+    s_ah, s_ad,  # a and b: [H, D, r] with unit stride over r, the same strides
+    s_mb, s_ml,
+    H, L, D, R,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_DOT: tl.constexpr,  # wide factors: tensor-core-shaped exact (ieee) dots instead of broadcasts
+    EVERY_ROW: tl.constexpr,  # no row mask: every row is rotated
+):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < L
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    x_rows = x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + offs_l[:, None].to(tl.int64) * s_xl
+    y_rows = y_ptr + bh.to(tl.int64) * L * D + offs_l[:, None].to(tl.int64) * D
+    f_base = h.to(tl.int64) * s_ah
+
+    # t = x @ a over the whole row first: every output column needs all of it.
+    t = tl.zeros([BLOCK_L, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        x = tl.load(x_rows + offs_d[None, :] * s_xd, mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + f_base + offs_d[:, None] * s_ad + offs_r[None, :], mask=d_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        if USE_DOT:
+            t = tl.dot(x, a, t, input_precision="ieee")
+        else:
+            t += tl.sum(x[:, :, None] * a[None, :, :], axis=1)
+    if not EVERY_ROW:
+        sel = tl.load(mask_ptr + b.to(tl.int64) * s_mb + offs_l * s_ml, mask=l_ok, other=0) != 0
+        t = tl.where(sel[:, None], t, 0.0)  # unselected rows are copied unchanged
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        ok = l_ok[:, None] & d_ok[None, :]
+        x = tl.load(x_rows + offs_d[None, :] * s_xd, mask=ok, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + f_base + offs_d[:, None] * s_ad + offs_r[None, :], mask=d_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        if USE_DOT:
+            y = tl.dot(t, tl.trans(bt), x, input_precision="ieee")
+        else:
+            y = x + tl.sum(t[:, None, :] * bt[None, :, :], axis=2)
+        tl.store(y_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _new(shape, device, dtype) -> torch.Tensor:
+    """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _block_d(d: int, block_r: int, use_dot: bool) -> int:
+    if use_dot:
+        return 32
+    return max(16, min(next_pow2(d), PRODUCT_ELEMS // (BLOCK_L * block_r)))
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Tensor],
+           transpose: bool = False) -> torch.Tensor:
+    """Rows of x [B, H, L, D] (any strides) times R^T (transpose=True: times R) where rot_mask
+    (bool/uint8 [B, L], stride 0 allowed; None: every row) is set, unchanged elsewhere.
+
+    rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new tensor in x's dtype
+    (contiguous for the packed form, whatever einsum gives for the dense one).
+    """
+    if not is_low_rank(rotation):
+        eq = "bhld,hde->bhle" if transpose else "bhld,hed->bhle"
+        rotated = torch.einsum(eq, x, rotation.to(x.dtype))
+        return rotated if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], rotated, x)
+    B, H, L, D = x.shape
+    r = rotation.shape[-1]
+    # x @ R^T = x + (x @ right) @ left^T; x @ R = x + (x @ left) @ right^T.
+    a, b = (rotation[:, 0], rotation[:, 1]) if transpose else (rotation[:, 1], rotation[:, 0])
+    use_dot = r > 8
+    block_r = max(DOT_MIN_R, next_pow2(r)) if use_dot else next_pow2(r)
+    y = _new((B, H, L, D), x.device, x.dtype)
+    mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
+    s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
+    grid = (B * H, triton.cdiv(L, BLOCK_L))
+    _low_rank_rotate_kernel[grid](
+        x, a, b, mask, y, *x.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
+        BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D, block_r, use_dot), BLOCK_R=block_r, USE_DOT=use_dot,
+        EVERY_ROW=rot_mask is None, num_warps=4)
+    return y
