@@ -1,14 +1,23 @@
 """RollingQAttention: a multi-head attention layer for multimodal fusion with a RollingQ rotation."""
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import functional
+from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
 from .validation import MAX_MODALITIES, value_checks_enabled
 
 __all__ = ["RollingQAttention"]
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place write counter; None for inference-mode tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class RollingQAttention(nn.Module):
@@ -27,6 +36,13 @@ class RollingQAttention(nn.Module):
     The rotation buffer `rotation` [H, D, D] float32 starts as the identity, is saved in the
     state_dict, is not trained (gradients flow through it into q_proj), and keeps float32 when the
     module is cast to another dtype. A `RollingQ` controller updates it.
+
+    The kernel gets the rotation as `LowRankRotation` (I + left @ right^T) while R - I has rank
+    at most head_dim // 8: every plane rotation adds 2, and the identity (rank 0) means no
+    rotation at all. At the paper's head of 768 that turns rotating from a D x D matmul per query
+    into a memory-bound pass. The factors are recomputed (an SVD on the CPU) only when the buffer's
+    values change; a write to the buffer (its version counter) costs one comparison with the last
+    factored values.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_modalities: int, num_fusion_tokens: int = 1,
@@ -69,6 +85,7 @@ class RollingQAttention(nn.Module):
         eye = torch.eye(self.head_dim, dtype=torch.float32, device=device)
         self.register_buffer("rotation", eye.repeat(num_heads, 1, 1))
         self.controller = None  # set by RollingQ; a plain attribute (RollingQ is no nn.Module)
+        self._kernel_rotation = None  # (buffer, its version, a copy of its values, the form passed on)
 
     def _apply(self, fn, *args, **kwargs):
         # Keep the rotation in float32 through .half()/.to(dtype): a low-precision rotation is no
@@ -83,7 +100,29 @@ class RollingQAttention(nn.Module):
         # A pickled or deep-copied layer does not drag its controller (and its logger) along.
         state = self.__dict__.copy()
         state["controller"] = None
+        state["_kernel_rotation"] = None
         return state
+
+    def rotation_for_kernel(self) -> Union[torch.Tensor, LowRankRotation]:
+        """The rotation as `forward` passes it on: a `LowRankRotation` while R - I has rank at most
+        head_dim // 8 (rank 0: the identity, no rotation), else the dense buffer. While
+        torch.compile traces, the dense buffer (the factor cache is Python-side state)."""
+        R = self.rotation
+        if torch.compiler.is_compiling():
+            return R
+        cache = self._kernel_rotation
+        version = _version(R)
+        if cache is not None and cache[0] is R and version is not None and cache[1] == version:
+            return cache[3]
+        with torch.no_grad():
+            if cache is not None and cache[2].shape == R.shape and cache[2].device == R.device \
+                    and torch.equal(cache[2], R):  # rewritten with the same values, e.g. a DDP buffer broadcast
+                self._kernel_rotation = (R, version) + cache[2:]
+                return cache[3]
+            factors = low_rank_rotation(R, max_rank=self.head_dim // 8)
+            form = R if factors is None else factors
+            self._kernel_rotation = (R, version, R.detach().clone(), form)
+        return form
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_heads={self.kv_heads}, "
@@ -157,7 +196,7 @@ class RollingQAttention(nn.Module):
             and (self.training or bool(getattr(ctrl, "in_full_pass", False)))
         want_stats = bool(need_stats) or report
         out, stats = functional.rollingq_attention(
-            q, k, v, ids, self.num_modalities + 1, rotation=self.rotation,
+            q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),
             rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
         if report:

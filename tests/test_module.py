@@ -228,3 +228,43 @@ def test_forward_through_kernel_matches_manual_reference(rotate, kv):
     gx, = torch.autograd.grad(out.sum(), [x])
     gr, = torch.autograd.grad(ref.sum(), [x])
     assert torch.allclose(gx, gr, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_gets_the_rotation_factored_while_its_rank_is_low(monkeypatch):
+    """Identity: rank 0 (no rotation); after a plane rotation: rank 2, factored once and reused until
+    the buffer's values change; a rotation of high rank: the dense buffer. The output matches the
+    manual computation with the dense buffer in every state."""
+    import rollingq.modules as modules
+    from rollingq.rotation import LowRankRotation, plane_rotation
+
+    calls = []
+    real = modules.low_rank_rotation
+    monkeypatch.setattr(modules, "low_rank_rotation", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    m = RollingQAttention(4 * 16, 4, 2, rotate="all")  # head_dim 16: factored up to rank 2
+    x = torch.randn(2, 6, 64, generator=gen)
+    ids = torch.tensor([0, 1, 1, 0, 1])
+
+    def check_output():
+        assert torch.allclose(m(x, ids)[0], manual_forward(m, x, ids)[0], atol=1e-5)
+
+    form = m.rotation_for_kernel()
+    assert isinstance(form, LowRankRotation) and form.rank == 0
+    check_output()
+    xs, ys = torch.randn(2, 4, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        m.rotation.copy_(plane_rotation(xs, ys).float())
+    form = m.rotation_for_kernel()
+    assert isinstance(form, LowRankRotation) and form.rank == 2
+    check_output()
+    n = len(calls)
+    with torch.no_grad():
+        m.rotation.copy_(m.rotation.clone())  # same values written again (a DDP buffer broadcast)
+    assert m.rotation_for_kernel() is form and len(calls) == n
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(4, 16, gen))
+    assert m.rotation_for_kernel() is m.rotation and len(calls) == n + 1
+    check_output()
+    m2 = copy.deepcopy(m)
+    assert m2._kernel_rotation is None and m2.rotation_for_kernel() is m2.rotation
