@@ -80,31 +80,41 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     from rollingq.functional import kernel_arguments
     from rollingq.kernels import attention_bwd as bwd
     from rollingq.kernels import attention_fwd as fwd
+    from rollingq.kernels import rotate
     from rollingq.kernels.aot import captured_launches
+    from rollingq.rotation import LowRankRotation
 
     q = torch.empty(p.batch, p.heads, p.lq, p.head_dim, dtype=dtype)
     k = torch.empty(p.batch, p.kv_heads, p.lk, p.head_dim, dtype=dtype)
     v = torch.empty_like(k)
     ids = torch.zeros((p.batch, p.lk) if p.ids_per_batch else (p.lk,), dtype=torch.int64)
-    rotation = None if p.rotate_rows is None else torch.eye(p.head_dim).expand(p.heads, -1, -1).contiguous()
+    # A plane rotation's factors (what the module and the benchmarks pass): the D-split and fp32 paths
+    # then launch kernels/rotate.py's kernel; a dense rotation launches the same attention kernels.
+    rotation = None
+    if p.rotate_rows is not None:
+        d, h = p.head_dim, p.heads
+        rotation = LowRankRotation(torch.ones(h, d, 2), torch.ones(h, d, 2))
     ids32, rot, rot_mask = kernel_arguments(q, k, ids, rotation, p.rotate_rows)
     scale = p.head_dim ** -0.5
     save = p.grad and rot is not None
-    with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches:
+    with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
+            captured_launches(rotate, ["_low_rank_rotate_kernel"]) as rotations:
         out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
                                                  p.stats, save)
+    launches = rotations + launches
     if p.grad:  # what rollingq/ops.py saves for and hands to the backward
         q_used = q_rot.contiguous() if save else q
-        with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec:
+        with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
+                captured_launches(rotate, ["_low_rank_rotate_kernel"]) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
                               None if rot_mask is None else rot_mask.view(torch.bool))
-        launches += rec
+        launches += rec + rotations
     return launches
 
 
 def short_name(fn_name: str) -> str:
     return {"_rollingq_fwd_kernel": "fwd", "_bwd_preprocess_kernel": "bwd_pre", "_bwd_dkdv_kernel": "bwd_dkdv",
-            "_bwd_dq_kernel": "bwd_dq"}.get(fn_name, fn_name)
+            "_bwd_dq_kernel": "bwd_dq", "_low_rank_rotate_kernel": "rotate"}.get(fn_name, fn_name)
 
 
 def _launch_configs(problems, dtypes, arch: Optional[int]):

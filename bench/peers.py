@@ -1,9 +1,13 @@
 """The implementations under comparison, and the measurement of one (shape, implementation) case.
 
 Forward implementations:
-- `rollingq_fwd`: rollingq.rollingq_attention, all rows rotated, statistics on (the product).
+- `rollingq_fwd`: rollingq.rollingq_attention, all rows rotated, statistics on (the product), the
+  rotation as RollingQAttention passes it after RollingQ's default plane rotation (factored, rank 2).
 - `rollingq_fwd_nostats`: the same kernel with rotation=None, stats=False (plain fused attention;
   the ratio of the two is the cost of rotation + statistics).
+- `rollingq_fwd_denserot`: `rollingq_fwd` with a general (dense) rotation instead of the plane
+  rotation's factored form: what a rotation that turns the whole space (the paper's SVD
+  construction) costs, a D x D matmul per query.
 - `sdpa_flash_fwd`, `sdpa_cudnn_fwd`, `sdpa_efficient_fwd`: torch SDPA pinned to one backend.
 - `flex_fwd`: FlexAttention compiled with torch.compile (causal through a block mask).
 - `unfused_fwd`: what one would write without the kernel: rotate q with a matmul, SDPA for the
@@ -44,11 +48,13 @@ class Impl:
     family: str  # rollingq | sdpa_flash | sdpa_cudnn | sdpa_efficient | flex | unfused
     direction: str  # fwd | fwdbwd
     stats: bool = True  # rollingq only: rotation + statistics on
+    dense_rotation: bool = False  # rollingq only: a general rotation instead of the factored plane one
 
 
 _IMPL_LIST = (
     Impl("rollingq_fwd", "rollingq", "fwd"),
     Impl("rollingq_fwd_nostats", "rollingq", "fwd", stats=False),
+    Impl("rollingq_fwd_denserot", "rollingq", "fwd", dense_rotation=True),
     Impl("sdpa_flash_fwd", "sdpa_flash", "fwd"),
     Impl("sdpa_cudnn_fwd", "sdpa_cudnn", "fwd"),
     Impl("sdpa_efficient_fwd", "sdpa_efficient", "fwd"),
@@ -94,7 +100,7 @@ def _build_rollingq(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     import rollingq
 
     s = inp.shape
-    rotation = inp.rotation if impl.stats else None
+    rotation = (inp.dense_rotation if impl.dense_rotation else inp.rotation) if impl.stats else None
     rotate_rows = s.seq_len if impl.stats else None
 
     def forward() -> torch.Tensor:
@@ -198,7 +204,8 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotatio
 def _build_unfused(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     s = inp.shape
     # Depend only on the ids and the rotation: made once, outside the timed region.
-    rotation_t = inp.rotation.transpose(-1, -2).to(inp.q.dtype).contiguous()
+    # The paper's code rotates with the dense matrix, whatever its structure.
+    rotation_t = inp.rotation.dense(torch.float32).transpose(-1, -2).to(inp.q.dtype).contiguous()
     onehot_v = one_hot_values(inp.modality_ids, s.num_modalities, s.batch, s.num_kv_heads, s.head_dim,
                               inp.q.dtype)
 

@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from rollingq.rotation import LowRankRotation, low_rank_rotation, plane_rotation
+
 DIRECTIONS = ("fwd", "fwdbwd")
 FWDBWD_FACTOR = 3.5
 
@@ -110,9 +112,20 @@ def random_rotation(heads: int, head_dim: int, seed: int = 0) -> torch.Tensor:
     return qmat.to(torch.float32)
 
 
+def plane_rotation_factors(heads: int, head_dim: int, seed: int = 0) -> LowRankRotation:
+    """A random plane rotation per head in the form `RollingQAttention` hands the kernel after
+    RollingQ's default rotation (one minimal rotation): `LowRankRotation` of rank 2."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.randn(2, heads, head_dim, generator=gen, dtype=torch.float64)
+    return low_rank_rotation(plane_rotation(x, y).to(torch.float32))
+
+
 @dataclass
 class Inputs:
-    """Random inputs of one shape. grad_out is the fixed upstream gradient of fwd+bwd runs."""
+    """Random inputs of one shape. grad_out is the fixed upstream gradient of fwd+bwd runs.
+    `rotation` is the product's rotation (RollingQ's plane rotation, factored as the module passes
+    it); `dense_rotation` a general one (the paper's SVD construction turns the whole space), which
+    the kernel must apply as a D x D matmul."""
 
     shape: Shape
     q: torch.Tensor  # [B, H, L, D]
@@ -120,7 +133,8 @@ class Inputs:
     v: torch.Tensor  # [B, Hkv, L, D]
     grad_out: torch.Tensor  # [B, H, L, D]
     modality_ids: torch.Tensor  # int64 [L]
-    rotation: torch.Tensor  # float32 [H, D, D]
+    rotation: LowRankRotation  # float32 [H, D, 2] factors
+    dense_rotation: torch.Tensor  # float32 [H, D, D]
 
     @property
     def leaves(self) -> Sequence[torch.Tensor]:
@@ -129,7 +143,7 @@ class Inputs:
 
 def make_inputs(shape: Shape, device, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False,
                 seed: int = 0) -> Inputs:
-    """Standard-normal q, k, v and grad_out (never zeros), the shape's modality ids, a random rotation."""
+    """Standard-normal q, k, v and grad_out (never zeros), the shape's modality ids, random rotations."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     b, h, hkv, n, d = shape.batch, shape.heads, shape.num_kv_heads, shape.seq_len, shape.head_dim
@@ -141,5 +155,7 @@ def make_inputs(shape: Shape, device, dtype: torch.dtype = torch.bfloat16, requi
     grad_out = randn(b, h, n, d)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
-    rotation = random_rotation(h, d, seed).to(device)
-    return Inputs(shape, q, k, v, grad_out, shape.modality_ids(device), rotation)
+    factors = plane_rotation_factors(h, d, seed)
+    rotation = LowRankRotation(factors.left.to(device), factors.right.to(device))
+    dense = random_rotation(h, d, seed).to(device)
+    return Inputs(shape, q, k, v, grad_out, shape.modality_ids(device), rotation, dense)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import next_pow2
+from .grid import launch_grid, program_ids
 
 BLOCK_L = 32  # rows per program
 # Products of one D slice with the factors as [BLOCK_L, BLOCK_D, BLOCK_R] broadcasts: BLOCK_D shrinks
@@ -48,15 +49,13 @@ def _low_rank_rotate_kernel(
     USE_DOT: tl.constexpr,  # wide factors: tensor-core-shaped exact (ieee) dots instead of broadcasts
     EVERY_ROW: tl.constexpr,  # no row mask: every row is rotated
 ):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    blk, _, h, b = program_ids(1)
+    offs_l = blk * BLOCK_L + tl.arange(0, BLOCK_L)
     l_ok = offs_l < L
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    x_rows = x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + offs_l[:, None].to(tl.int64) * s_xl
-    y_rows = y_ptr + bh.to(tl.int64) * L * D + offs_l[:, None].to(tl.int64) * D
+    x_rows = x_ptr + b * s_xb + h.to(tl.int64) * s_xh + offs_l[:, None].to(tl.int64) * s_xl
+    y_rows = y_ptr + (b * H + h) * L * D + offs_l[:, None].to(tl.int64) * D
     f_base = h.to(tl.int64) * s_ah
 
     # t = x @ a over the whole row first: every output column needs all of it.
@@ -72,7 +71,7 @@ def _low_rank_rotate_kernel(
         else:
             t += tl.sum(x[:, :, None] * a[None, :, :], axis=1)
     if not EVERY_ROW:
-        sel = tl.load(mask_ptr + b.to(tl.int64) * s_mb + offs_l * s_ml, mask=l_ok, other=0) != 0
+        sel = tl.load(mask_ptr + b * s_mb + offs_l * s_ml, mask=l_ok, other=0) != 0
         t = tl.where(sel[:, None], t, 0.0)  # unselected rows are copied unchanged
 
     for d0 in range(0, D, BLOCK_D):
@@ -121,8 +120,7 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     y = _new((B, H, L, D), x.device, x.dtype)
     mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
     s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
-    grid = (B * H, triton.cdiv(L, BLOCK_L))
-    _low_rank_rotate_kernel[grid](
+    _low_rank_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), 1, H, B)](
         x, a, b, mask, y, *x.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
         BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D, block_r, use_dot), BLOCK_R=block_r, USE_DOT=use_dot,
         EVERY_ROW=rot_mask is None, num_warps=4)

@@ -86,16 +86,27 @@ def test_random_rotation_is_a_rotation():
     assert not torch.allclose(r[0], r[1])  # one per head
 
 
+def test_benchmark_rotations():
+    """The product's rotation is a plane rotation per head, factored at rank 2 as the module passes
+    it; the dense one is a general rotation (R - I of full rank)."""
+    inp = shapes.make_inputs(shapes.Shape("t", 1, 3, 8, 16, (4, 4)), "cpu", torch.float32, seed=2)
+    assert inp.rotation.rank == 2
+    r = inp.rotation.dense(torch.float64)
+    eye = torch.eye(16, dtype=torch.float64).expand(3, 16, 16)
+    assert torch.allclose(r @ r.transpose(-1, -2), eye, atol=1e-6) and not torch.allclose(r, eye, atol=0.1)
+    assert torch.linalg.matrix_rank(inp.dense_rotation.double() - eye).min() == 16
+
+
 # ------------------------------------------------------------------------------------------- peers
 @pytest.mark.parametrize("causal", [False, True])
 def test_unfused_pipeline_matches_reference(causal):
     shape = shapes.Shape("t", 2, 4, 24, 16, (5, 11, 8), causal=causal, kv_heads=2)
     inp = shapes.make_inputs(shape, "cpu", torch.float64, seed=3)
-    rot_t = inp.rotation.double().transpose(-1, -2)
+    rot_t = inp.rotation.dense(torch.float64).transpose(-1, -2)
     onehot_v = peers.one_hot_values(inp.modality_ids, 3, 2, 2, 16, torch.float64)
     out, mass, key_sum = peers.unfused_attention(inp.q, inp.k, inp.v, rot_t, onehot_v, 3, causal)
     ref_out, ref = rollingq.rollingq_attention_reference(
-        inp.q, inp.k, inp.v, inp.modality_ids, 3, rotation=inp.rotation.double(), rotate_rows=24, causal=causal)
+        inp.q, inp.k, inp.v, inp.modality_ids, 3, rotation=inp.rotation, rotate_rows=24, causal=causal)
     assert torch.allclose(out, ref_out, atol=1e-10)
     assert torch.allclose(mass.double(), ref.attn_mass, atol=1e-6)
     assert torch.allclose(key_sum.double(), ref.key_sum, atol=1e-5)

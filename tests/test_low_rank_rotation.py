@@ -13,8 +13,8 @@ import rollingq
 from rollingq.functional import uses_kernel
 from rollingq.kernels import attention_bwd, attention_fwd, rotate
 from rollingq.reference import rollingq_attention_reference
-from rollingq.rotation import LowRankRotation, low_rank_rotation, plane_rotation, svd_rotation
-from tests.numerics import assert_close_by_rule, stats_tol
+from rollingq.rotation import low_rank_rotation, plane_rotation, svd_rotation
+from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -209,3 +209,31 @@ def test_the_low_rank_form_is_the_rotation():
     lowrank, dense, transposed, plain = run(f), run(R), run(R.transpose(1, 2)), run(None)
     assert torch.allclose(lowrank, dense, atol=1e-5)
     assert (lowrank - transposed).abs().max() > 1e-2 and (lowrank - plain).abs().max() > 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", ["every", "mask"])
+def test_attention_parity_cuda_paper_head(dtype, rows, poisoned):
+    """The paper's head width (768, the D split) with RollingQ's plane rotation factored, as the
+    module passes it: forward, statistics and gradients against the float64 reference. The shape is
+    CUDA_LARGE_SHAPES' D 768 one, whose kernels the GPU check precompiles."""
+    gen = _gen("cuda_paper", dtype, rows)
+    B, H, Hkv, L, _, D, causal = next(s for s in CUDA_LARGE_SHAPES if s[5] == 768)
+    M = 3
+    q, k, v, do = (torch.randn(B, h, L, D, generator=gen).to(dtype).to(DEVICE) for h in (H, Hkv, Hkv, H))
+    ids = torch.randint(0, M, (B, L), generator=gen)
+    ids[:, -5:] = -1
+    ids = ids.to(DEVICE)
+    rot = low_rank_rotation(_plane_rotations(H, D, 1, gen).to(DEVICE))
+    assert rot.rank == 2
+    rot_rows = L if rows == "every" else 4
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, st = rollingq.rollingq_attention(*leaves, ids, M, rotation=rot, rotate_rows=rot_rows, causal=causal)
+    out.backward(do)
+    o64, s64, g64 = _reference(q, k, v, ids, M, rot, rot_rows, causal, do, torch.float64)
+    olp, _, glp = _reference(q, k, v, ids, M, rot, rot_rows, causal, do, dtype)
+    assert_close_by_rule("out", out, o64, olp)
+    for name, got, r64, rlp in zip(("dq", "dk", "dv"), (t.grad for t in leaves), g64, glp):
+        assert_close_by_rule(name, got, r64, rlp)
+    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
