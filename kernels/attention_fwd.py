@@ -392,8 +392,9 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     """Launch the fused forward.
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
-    rotation float32 [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or None; rot_mask uint8 [B, Lq] (stride 0 allowed) selects the
-    rotated rows, None: every row (when a rotation is given).
+    rotation float32 [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or None;
+    rot_mask uint8 [B, Lq] (stride 0 allowed) selects the rotated rows, None: every row (when a
+    rotation is given).
     Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
