@@ -200,6 +200,7 @@ FAKE_RECORDS = [
     fake("B4_H16_L4096_D128", "flex_fwd", 500.0), fake("B4_H16_L4096_D128", "unfused_fwd", 150.0),
     fake("B4_H16_L4096_D128", "flex_fwdbwd", 400.0), fake("B4_H16_L4096_D128", "sdpa_flash_fwdbwd", 300.0),
     fake("B4_H16_L4096_D128", "rollingq_fwdbwd", 380.0),
+    fake(PAPER, "rollingq_fwd_denserot", 200.0),  # the dense rotation's line (no record: MISSING elsewhere)
 ]
 FAKE_MEMORY = {"kind": "peak_memory", "shape": "B1_H16_L16384_D128", "dtype": "bfloat16", "card": CARD,
                "device": "cuda", "torch": "FAKE-torch", "triton": "FAKE-triton",
@@ -255,6 +256,9 @@ def test_summarize_schema_ratios_and_targets(tmp_path, capsys):
     assert t[overhead, PAPER]["result"] == "PASS"  # 250 / 240 = 1.04
     assert t[overhead, "B4_H16_L4096_D128"]["result"] == "FAIL"  # 480 / 400 = 1.2
     assert math.isclose(t[overhead, "B4_H16_L4096_D128"]["value"], 1.2)
+    dense = "dense rotation+stats time <= 1.1x rollingq_fwd_nostats"
+    assert t[dense, PAPER]["result"] == "FAIL"  # 250 / 200 = 1.25
+    assert t[dense, "B4_H16_L4096_D128"]["result"] == "MISSING"
     mem = [x for x in res["targets"] if x["target"].startswith("peak memory")]
     assert len(mem) == 1 and mem[0]["result"] == "PASS"  # 1.1 exactly is within 1.1x
 
