@@ -212,3 +212,25 @@ def test_tensors_on_a_device_other_than_the_current_one():
     ref, _ = rollingq_attention_reference(q.double(), k.double(), v.double(), ids, 2, rot.double(), 64, stats=False)
     assert out.device == q.grad.device == torch.device("cuda:1")
     assert (out.double() - ref).abs().max().item() < 1e-2 and torch.isfinite(q.grad).all()
+
+
+def test_torch_compile_fullgraph_low_rank_rotation():
+    """The factored rotation traces too (a NamedTuple of tensors), forward and backward."""
+    from rollingq.rotation import LowRankRotation
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = inputs(torch.float32, gen, L=10)
+    H, D = q.shape[1], q.shape[-1]
+    rot = LowRankRotation(*(0.2 * torch.randn(2, H, D, 2, generator=gen)).to(DEVICE))
+    ids = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1, -1, 0], device=DEVICE)
+
+    def f(q, k, v):
+        return rollingq.rollingq_attention(q, k, v, ids, 2, rotation=rot, rotate_rows=3)[0]
+
+    torch._dynamo.reset()
+    out_c = torch.compile(f, fullgraph=True)(q, k, v)
+    out_e = f(q, k, v)
+    torch.testing.assert_close(out_c, out_e)
+    (gc,) = torch.autograd.grad(out_c.sum(), q)
+    (ge,) = torch.autograd.grad(out_e.sum(), q)
+    torch.testing.assert_close(gc, ge)
