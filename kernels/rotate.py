@@ -19,8 +19,10 @@ from .grid import launch_grid, program_ids
 
 BLOCK_L = 32  # rows per program
 # Products of one D slice with the factors as [BLOCK_L, BLOCK_D, BLOCK_R] broadcasts: BLOCK_D shrinks
-# as r grows so that temporary stays at this many elements; from r > 8 on the kernel uses tl.dot.
-PRODUCT_ELEMS = 8192
+# as r grows so that temporary stays near this many elements (a memory-bound kernel wants few
+# registers, i.e. many programs in flight); from r > 8 on the kernel uses tl.dot.
+PRODUCT_ELEMS = 4096
+MIN_BLOCK_D = 32  # 64-byte rows of bf16 per load at least
 DOT_MIN_R = 16
 
 
@@ -96,7 +98,7 @@ def _new(shape, device, dtype) -> torch.Tensor:
 def _block_d(d: int, block_r: int, use_dot: bool) -> int:
     if use_dot:
         return 32
-    return max(16, min(next_pow2(d), PRODUCT_ELEMS // (BLOCK_L * block_r)))
+    return max(MIN_BLOCK_D, min(next_pow2(d), PRODUCT_ELEMS // (BLOCK_L * block_r)))
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Tensor],
