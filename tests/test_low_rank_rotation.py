@@ -162,25 +162,13 @@ def _reference(q, k, v, ids, M, rot, rows, causal, do, dtype):
     return out, st, [t.grad for t in leaves]
 
 
-@pytest.mark.kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", ["in_kernel", "split"])
-@pytest.mark.parametrize("rows", ["every", "mask"])
-def test_attention_parity(dtype, path, rows, poisoned, monkeypatch):
-    """Forward (out and statistics) and gradients with a LowRankRotation against the float64
-    reference, by design.md's rule. fp32 always rotates before the forward kernel."""
-    if path == "split":
-        _force_split(monkeypatch)
-    causal = rows == "mask"
-    gen = _gen("parity", dtype, path, rows)
-    B, H, Hkv, L, D, M = 2, 4, 2, 23, 40, 3
+def _check_parity(B, H, Hkv, L, D, M, dtype, rot, rot_rows, causal, gen, pad=2):
+    """Forward (out and statistics) and gradients through the public function against the float64
+    reference, by design.md's rule; the last `pad` keys of every batch are padding."""
     q, k, v, do = (torch.randn(B, h, L, D, generator=gen).to(dtype).to(DEVICE) for h in (H, Hkv, Hkv, H))
     ids = torch.randint(0, M, (B, L), generator=gen)
-    ids[:, -2:] = -1
+    ids[:, -pad:] = -1
     ids = ids.to(DEVICE)
-    rot = low_rank_rotation(_plane_rotations(H, D, 2, gen).to(DEVICE))
-    assert rot.rank == 4
-    rot_rows = L if rows == "every" else (torch.rand(B, L, generator=gen) < 0.5).to(DEVICE)
     assert uses_kernel(q.device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, st = rollingq.rollingq_attention(*leaves, ids, M, rotation=rot, rotate_rows=rot_rows, causal=causal)
@@ -191,6 +179,23 @@ def test_attention_parity(dtype, path, rows, poisoned, monkeypatch):
     for name, got, r64, rlp in zip(("dq", "dk", "dv"), (t.grad for t in leaves), g64, glp):
         assert_close_by_rule(name, got, r64, rlp)
     assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["in_kernel", "split"])
+@pytest.mark.parametrize("rows", ["every", "mask"])
+def test_attention_parity(dtype, path, rows, poisoned, monkeypatch):
+    """Forward (out and statistics) and gradients with a LowRankRotation against the float64
+    reference, by design.md's rule. fp32 always rotates before the forward kernel."""
+    if path == "split":
+        _force_split(monkeypatch)
+    gen = _gen("parity", dtype, path, rows)
+    B, H, L, D = 2, 4, 23, 40
+    rot = low_rank_rotation(_plane_rotations(H, D, 2, gen).to(DEVICE))
+    assert rot.rank == 4
+    rot_rows = L if rows == "every" else (torch.rand(B, L, generator=gen) < 0.5).to(DEVICE)
+    _check_parity(B, H, 2, L, D, 3, dtype, rot, rot_rows, rows == "mask", gen)
 
 
 @pytest.mark.kernel
@@ -220,20 +225,6 @@ def test_attention_parity_cuda_paper_head(dtype, rows, poisoned):
     CUDA_LARGE_SHAPES' D 768 one, whose kernels the GPU check precompiles."""
     gen = _gen("cuda_paper", dtype, rows)
     B, H, Hkv, L, _, D, causal = next(s for s in CUDA_LARGE_SHAPES if s[5] == 768)
-    M = 3
-    q, k, v, do = (torch.randn(B, h, L, D, generator=gen).to(dtype).to(DEVICE) for h in (H, Hkv, Hkv, H))
-    ids = torch.randint(0, M, (B, L), generator=gen)
-    ids[:, -5:] = -1
-    ids = ids.to(DEVICE)
     rot = low_rank_rotation(_plane_rotations(H, D, 1, gen).to(DEVICE))
     assert rot.rank == 2
-    rot_rows = L if rows == "every" else 4
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, st = rollingq.rollingq_attention(*leaves, ids, M, rotation=rot, rotate_rows=rot_rows, causal=causal)
-    out.backward(do)
-    o64, s64, g64 = _reference(q, k, v, ids, M, rot, rot_rows, causal, do, torch.float64)
-    olp, _, glp = _reference(q, k, v, ids, M, rot, rot_rows, causal, do, dtype)
-    assert_close_by_rule("out", out, o64, olp)
-    for name, got, r64, rlp in zip(("dq", "dk", "dv"), (t.grad for t in leaves), g64, glp):
-        assert_close_by_rule(name, got, r64, rlp)
-    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
+    _check_parity(B, H, Hkv, L, D, 3, dtype, rot, L if rows == "every" else 4, causal, gen, pad=5)
