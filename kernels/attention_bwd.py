@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
-from .rotate import dense_rotation
+from .rotate import dense_rotation, is_low_rank
 from .rotate import rotate as rotate_rows
 from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
                     wide_plan)
@@ -614,6 +614,7 @@ def attention_bwd(
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:
-        # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards.
-        dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True)
+        # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
+        # in place for the factored form (no second dq buffer; unrotated rows are not touched).
+        dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
     return dq, dk, dv

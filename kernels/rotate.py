@@ -44,20 +44,26 @@ def dense_rotation(rotation: torch.Tensor) -> torch.Tensor:
 def _low_rank_rotate_kernel(
     x_ptr, a_ptr, b_ptr, mask_ptr, y_ptr,
     s_xb, s_xh, s_xl, s_xd,
+    s_yb, s_yh, s_yl, s_yd,
     s_ah, s_ad,  # a and b: [H, D, r] with unit stride over r, the same strides
     s_mb, s_ml,
     H, L, D, R,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     USE_DOT: tl.constexpr,  # wide factors: tensor-core-shaped exact (ieee) dots instead of broadcasts
     EVERY_ROW: tl.constexpr,  # no row mask: every row is rotated
+    IN_PLACE: tl.constexpr,  # y is x: unselected rows are neither read nor written
 ):
     blk, _, h, b = program_ids(1)
     offs_l = blk * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = offs_l < L
+    rows = offs_l < L  # the rows this program reads and writes
+    if not EVERY_ROW:
+        sel = tl.load(mask_ptr + b * s_mb + offs_l * s_ml, mask=rows, other=0) != 0
+        if IN_PLACE:
+            rows = rows & sel  # a block without a selected row then moves no data at all
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     x_rows = x_ptr + b * s_xb + h.to(tl.int64) * s_xh + offs_l[:, None].to(tl.int64) * s_xl
-    y_rows = y_ptr + (b * H + h) * L * D + offs_l[:, None].to(tl.int64) * D
+    y_rows = y_ptr + b * s_yb + h.to(tl.int64) * s_yh + offs_l[:, None].to(tl.int64) * s_yl
     f_base = h.to(tl.int64) * s_ah
 
     # t = x @ a over the whole row first: every output column needs all of it.
@@ -65,21 +71,20 @@ def _low_rank_rotate_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        x = tl.load(x_rows + offs_d[None, :] * s_xd, mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_rows + offs_d[None, :] * s_xd, mask=rows[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         a = tl.load(a_ptr + f_base + offs_d[:, None] * s_ad + offs_r[None, :], mask=d_ok[:, None] & r_ok[None, :],
                     other=0.0)
         if USE_DOT:
             t = tl.dot(x, a, t, input_precision="ieee")
         else:
             t += tl.sum(x[:, :, None] * a[None, :, :], axis=1)
-    if not EVERY_ROW:
-        sel = tl.load(mask_ptr + b * s_mb + offs_l * s_ml, mask=l_ok, other=0) != 0
+    if not EVERY_ROW and not IN_PLACE:
         t = tl.where(sel[:, None], t, 0.0)  # unselected rows are copied unchanged
 
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        ok = l_ok[:, None] & d_ok[None, :]
+        ok = rows[:, None] & d_ok[None, :]
         x = tl.load(x_rows + offs_d[None, :] * s_xd, mask=ok, other=0.0).to(tl.float32)
         bt = tl.load(b_ptr + f_base + offs_d[:, None] * s_ad + offs_r[None, :], mask=d_ok[:, None] & r_ok[None, :],
                      other=0.0)
@@ -87,7 +92,8 @@ def _low_rank_rotate_kernel(
             y = tl.dot(t, tl.trans(bt), x, input_precision="ieee")
         else:
             y = x + tl.sum(t[:, None, :] * bt[None, :, :], axis=2)
-        tl.store(y_rows + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+        # Each program reads a slice of its own rows before writing it: in place is safe.
+        tl.store(y_rows + offs_d[None, :] * s_yd, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _new(shape, device, dtype) -> torch.Tensor:
@@ -102,12 +108,14 @@ def _block_d(d: int, block_r: int, use_dot: bool) -> int:
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Tensor],
-           transpose: bool = False) -> torch.Tensor:
+           transpose: bool = False, in_place: bool = False) -> torch.Tensor:
     """Rows of x [B, H, L, D] (any strides) times R^T (transpose=True: times R) where rot_mask
     (bool/uint8 [B, L], stride 0 allowed; None: every row) is set, unchanged elsewhere.
 
     rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new tensor in x's dtype
-    (contiguous for the packed form, whatever einsum gives for the dense one).
+    (contiguous for the packed form, whatever einsum gives for the dense one); with in_place (the
+    packed form only, for a buffer the caller owns, e.g. dq) x itself, whose unselected rows are
+    not touched.
     """
     if not is_low_rank(rotation):
         eq = "bhld,hde->bhle" if transpose else "bhld,hed->bhle"
@@ -119,11 +127,11 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     a, b = (rotation[:, 0], rotation[:, 1]) if transpose else (rotation[:, 1], rotation[:, 0])
     use_dot = r > 8
     block_r = max(DOT_MIN_R, next_pow2(r)) if use_dot else next_pow2(r)
-    y = _new((B, H, L, D), x.device, x.dtype)
+    y = x if in_place else _new((B, H, L, D), x.device, x.dtype)
     mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
     s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
     _low_rank_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), 1, H, B)](
-        x, a, b, mask, y, *x.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
+        x, a, b, mask, y, *x.stride(), *y.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
         BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D, block_r, use_dot), BLOCK_R=block_r, USE_DOT=use_dot,
-        EVERY_ROW=rot_mask is None, num_warps=4)
+        EVERY_ROW=rot_mask is None, IN_PLACE=in_place, num_warps=4)
     return y

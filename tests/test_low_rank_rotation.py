@@ -101,10 +101,10 @@ def test_factorization_errors():
 @pytest.mark.parametrize("r", [1, 2, 5, 20])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", ["every", "shared_mask", "batch_mask"])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_rotate_kernel(r, dtype, rows, transpose, poisoned):
+@pytest.mark.parametrize("transpose, in_place", [(False, False), (True, False), (True, True)])
+def test_rotate_kernel(r, dtype, rows, transpose, in_place, poisoned):
     """x @ R^T (x @ R when transposed) from a float32 result rounded once; unselected rows come
-    back bit for bit."""
+    back bit for bit. In place (how the backward rotates dq) on a strided buffer too."""
     if DEVICE == "cpu":
         from rollingq.kernels.common import interpreting
         assert interpreting(), "the kernel tests run through TRITON_INTERPRET=1 on the CPU"
@@ -115,7 +115,9 @@ def test_rotate_kernel(r, dtype, rows, transpose, poisoned):
     mask = {"every": None,
             "shared_mask": (torch.rand(L, generator=gen) < 0.5).to(DEVICE).expand(B, L),
             "batch_mask": (torch.rand(B, L, generator=gen) < 0.5).to(DEVICE)}[rows]
-    y = rotate.rotate(x, packed, mask, transpose=transpose)
+    buf = x.clone()  # keeps the strided layout
+    y = rotate.rotate(buf, packed, mask, transpose=transpose, in_place=in_place)
+    assert (y is buf) == in_place
     R = packed[:, 0].double() @ packed[:, 1].double().transpose(1, 2) + torch.eye(D, dtype=torch.float64, device=DEVICE)
     ref = torch.einsum("bhld,hde->bhle" if transpose else "bhld,hed->bhle", x.double(), R)
     if mask is not None:
