@@ -199,8 +199,14 @@ def _rollingq_fwd_kernel(
             # (loaded directly as rt[d, e] = R[e, d]) is live at a time: a whole [D, D] tile spills.
             r_base = ROT + h.to(tl.int64) * HEAD_D * HEAD_D
             offs_r = tl.arange(0, RC)
+            rot_d = HEAD_D
+            if not EVERY_ROW:
+                sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
+                # A tile without a selected row (all but the first with rotate_rows = a few
+                # fusion tokens) skips the rotation: its loop runs no step.
+                rot_d = tl.where(tl.max(sel.to(tl.int32), 0) > 0, HEAD_D, 0)
             q_rot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for c in range(0, HEAD_D, RC):
+            for c in range(0, rot_d, RC):
                 r_ok = (c + offs_r) < HEAD_D
                 qc = tl.load(q_base + offs_m[:, None] * s_qm + (c + offs_r)[None, :] * s_qd,
                              mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -213,7 +219,6 @@ def _rollingq_fwd_kernel(
                 # The full Q tile is loaded only now, so it is not live during the rotation loop.
                 q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                sel = tl.load(ROWMASK + b * s_rmb + offs_m * s_rmm, mask=m_ok, other=0) != 0
                 q = tl.where(sel[:, None], q_rot.to(dt), q)
         else:
             q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
