@@ -290,6 +290,19 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, HEAD_D: tl.constexpr,
+                      ROT_CHUNK: tl.constexpr, prec: tl.constexpr):
+    """Columns c0 .. c0 + ROT_CHUNK of dq' @ R, stored on the rotated rows."""
+    offs_e = c0 + tl.arange(0, ROT_CHUNK)
+    e_ok = offs_e < HEAD_D
+    r = tl.load(r_base + offs_dv[:, None] * HEAD_D + offs_e[None, :], mask=dv_ok[:, None] & e_ok[None, :],
+                other=0.0).to(dq.dtype)
+    dq_rot = tl.dot(dq, r, input_precision=prec)
+    tl.store(dq_ptr + offs_e[None, :] * s_dqd, dq_rot.to(dq_ptr.dtype.element_ty),
+             mask=rot_rows[:, None] & e_ok[None, :])
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ,
     s_qb, s_qh, s_qm, s_qd,
@@ -423,14 +436,16 @@ def _bwd_dq_kernel(
             tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq, mask=(m_ok & ~sel)[:, None] & dv_ok[None, :])
             rot_rows = m_ok & sel
         r_base = ROT + h * HEAD_D * HEAD_D
-        for c in tl.static_range(BLOCK_DV // ROT_CHUNK):
-            offs_e = c * ROT_CHUNK + tl.arange(0, ROT_CHUNK)
-            e_ok = offs_e < HEAD_D
-            r = tl.load(r_base + offs_dv[:, None] * HEAD_D + offs_e[None, :], mask=dv_ok[:, None] & e_ok[None, :],
-                        other=0.0).to(dq.dtype)
-            dq_rot = tl.dot(dq, r, input_precision=prec)
-            tl.store(dq_ptr + offs_e[None, :] * s_dqd, dq_rot.to(DQ.dtype.element_ty),
-                     mask=rot_rows[:, None] & e_ok[None, :])
+        if EVERY_ROW:
+            for c in tl.static_range(BLOCK_DV // ROT_CHUNK):
+                _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c * ROT_CHUNK, dq_ptr, s_dqd, rot_rows, HEAD_D,
+                                  ROT_CHUNK, prec)
+        else:
+            # A tile without a rotated row (all but the first with rotate_rows = a few fusion
+            # tokens) skips the epilogue's dots: its chunk loop runs no step.
+            rot_d = tl.where(tl.max(rot_rows.to(tl.int32), 0) > 0, BLOCK_DV, 0)
+            for c0 in range(0, rot_d, ROT_CHUNK):
+                _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, HEAD_D, ROT_CHUNK, prec)
     else:
         tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
