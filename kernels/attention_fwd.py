@@ -451,9 +451,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         scale * 1.4426950408889634,
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
-        EVERY_ROW=rotate and rot_mask is None,
-        SPLIT=split, IEEE=q.dtype == torch.float32, MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK,
-        TMA=tma, WC=WIDE_CHUNK,
+        EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
+        MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum

@@ -115,7 +115,7 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
     through it too."""
     B, _, Lq, _ = q.shape
     ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
-    if rotation is None or rotate_rows is None:
+    if rotation is None or rotate_rows is None or (isinstance(rotate_rows, int) and rotate_rows == 0):
         return ids, None, None
     if isinstance(rotation, LowRankRotation):
         if rotation.rank == 0:

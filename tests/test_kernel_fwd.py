@@ -84,11 +84,11 @@ def test_parity_core(dtype, causal, gqa, tma, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["none", "int", "mask1d", "mask2d", "no_rotation"])
+@pytest.mark.parametrize("form", ["none", "int", "zero", "mask1d", "mask2d", "no_rotation"])
 def test_rotate_rows_forms(dtype, form):
     B, Lq = 2, 21
     q, k, v, ids, rot, gen = make_case(B, 2, 1, Lq, 29, 16, 2, dtype, seed=11, ids_mode="shared")
-    rows = {"none": None, "int": 7, "no_rotation": 4,
+    rows = {"none": None, "int": 7, "zero": 0, "no_rotation": 4,
             "mask1d": (torch.rand(Lq, generator=gen) < 0.5).to(DEVICE),
             "mask2d": (torch.rand(B, Lq, generator=gen) < 0.5).to(DEVICE)}[form]
     check(q, k, v, ids, 2, None if form == "no_rotation" else rot, rows)
