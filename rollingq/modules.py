@@ -7,7 +7,7 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import MAX_MODALITIES, value_checks_enabled
+from .validation import MAX_MODALITIES, capturing_cuda_graph, value_checks_enabled
 
 __all__ = ["RollingQAttention"]
 
@@ -106,9 +106,11 @@ class RollingQAttention(nn.Module):
     def rotation_for_kernel(self) -> Union[torch.Tensor, LowRankRotation]:
         """The rotation as `forward` passes it on: a `LowRankRotation` while R - I has rank at most
         head_dim // 8 (rank 0: the identity, no rotation), else the dense buffer. While
-        torch.compile traces, the dense buffer (the factor cache is Python-side state)."""
+        torch.compile traces or a CUDA graph is captured, the dense buffer: the factor cache is
+        Python-side state that a compiled graph or a graph replay would not see change, while the
+        buffer is updated in place (`RollingQ` writes it with copy_), so replays use the current one."""
         R = self.rotation
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or capturing_cuda_graph(R.device):
             return R
         cache = self._kernel_rotation
         version = _version(R)
@@ -142,7 +144,7 @@ class RollingQAttention(nn.Module):
             raise ValueError(f"modality_ids must cover the modality tokens only: shape [L - num_fusion_tokens] = "
                              f"[{Lm}] or [B, {Lm}], got {tuple(modality_ids.shape)}")
         ids = modality_ids.to(device=device, dtype=torch.int64)
-        if ids.numel() and value_checks_enabled():
+        if ids.numel() and value_checks_enabled(ids.device):
             # Checked here, not only in the kernel's checks: there an id of M would pass silently
             # as the fusion class. One host sync for both bounds.
             lo, hi = torch.stack(torch.aminmax(ids)).tolist()

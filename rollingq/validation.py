@@ -3,7 +3,7 @@
 Every error names the argument and what was expected; nothing is reshaped or truncated silently.
 Checks on tensor *values* (ids range, finite rotation) read the data back, which is one host sync
 per call on CUDA; set ROLLINGQ_CHECK_VALUES=0 to skip them. They are skipped while torch.compile
-traces, where data cannot be read.
+traces and while a CUDA graph is captured, where data cannot be read.
 """
 import os
 from typing import Optional, Union
@@ -19,9 +19,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_MODALITIES = 16
 
 
-def value_checks_enabled() -> bool:
-    """Whether checks that read tensor values back (a host sync on CUDA) run; see the module doc."""
-    return os.environ.get("ROLLINGQ_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+def capturing_cuda_graph(device: torch.device) -> bool:
+    """True while the current CUDA stream records a CUDA graph for `device`'s kind: a host read
+    (`.tolist()`, `bool(tensor)`) would fail the capture there."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def value_checks_enabled(device: Optional[torch.device] = None) -> bool:
+    """Whether checks that read tensor values back (a host sync on CUDA) run on tensors of
+    `device`; see the module doc."""
+    if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    return device is None or not capturing_cuda_graph(device)
 
 
 def _require(cond: bool, message: str, exc=ValueError) -> None:
@@ -68,7 +77,7 @@ def check_inputs(
     _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
-    check_values = value_checks_enabled()
+    check_values = value_checks_enabled(q.device)
     if check_values and modality_ids.numel():
         lo, hi = torch.stack(torch.aminmax(modality_ids)).tolist()  # one host sync for both bounds
         _require(lo >= -1 and hi < num_modalities,

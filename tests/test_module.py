@@ -268,3 +268,29 @@ def test_kernel_gets_the_rotation_factored_while_its_rank_is_low(monkeypatch):
     check_output()
     m2 = copy.deepcopy(m)
     assert m2._kernel_rotation is None and m2.rotation_for_kernel() is m2.rotation
+
+
+def test_capture_of_a_cuda_graph_reads_nothing_back(monkeypatch):
+    """While a CUDA stream is capturing, the checks that read values back (illegal there) stand
+    aside for CUDA tensors only, and the module passes its dense buffer, which a replay reads live.
+    The capture flag is faked here; test_cuda_graph_capture_replays_module runs a real capture."""
+    import rollingq.validation as validation
+
+    monkeypatch.delenv("ROLLINGQ_CHECK_VALUES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert validation.value_checks_enabled(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not validation.value_checks_enabled(torch.device("cuda"))
+    assert validation.value_checks_enabled(torch.device("cpu"))
+    assert validation.capturing_cuda_graph(torch.device("cuda"))
+    assert not validation.capturing_cuda_graph(torch.device("cpu"))
+    import rollingq.modules as modules
+    from rollingq.rotation import plane_rotation
+
+    m = RollingQAttention(32, 2, 2)
+    xs, ys = torch.randn(2, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        m.rotation.copy_(plane_rotation(xs, ys).float())
+    assert m.rotation_for_kernel() is not m.rotation  # factored outside a capture
+    monkeypatch.setattr(modules, "capturing_cuda_graph", lambda device: True)
+    assert m.rotation_for_kernel() is m.rotation
