@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rollingq-installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench test-torch2.11 clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,5 +26,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench/ -q
 
+# The GPU machines run torch 2.11 whatever we pin: the suite against it, in a venv of its own
+# (PyPI's torch 2.11 wheel is a CUDA build, about 5 GB with its libraries; CPU tests as in `test`).
+COMPAT_VENV ?= .venv-torch2.11
+test-torch2.11:
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0
+	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test,plot,progress]'
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest tests/ -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info runs .benchmarks
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info runs .benchmarks

@@ -7,7 +7,7 @@ import torch
 from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
 from .rotation import LowRankRotation
-from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs, rotate_row_mask
+from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
@@ -125,4 +125,7 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
         rot = rotation.detach().float()
     if isinstance(rotate_rows, int) and rotate_rows == Lq:
         return ids, rot, None
-    return ids, rot, rotate_row_mask(rotate_rows, B, Lq, q.device).view(torch.uint8)
+    # Cast, not a bool -> uint8 dtype view: Inductor (torch 2.11) cannot lower that view. A shared
+    # [Lq] mask stays a stride-0 batch view; a [B, Lq] one is copied (B * Lq bytes).
+    mask = rotate_rows if isinstance(rotate_rows, torch.Tensor) else torch.arange(Lq, device=q.device) < rotate_rows
+    return ids, rot, mask.to(torch.uint8).expand(B, Lq)
