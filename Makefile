@@ -26,11 +26,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench/ -q
 
-# The GPU machines run torch 2.11 whatever we pin: the suite against it, in a venv of its own
-# (PyPI's torch 2.11 wheel is a CUDA build, about 5 GB with its libraries; CPU tests as in `test`).
+# The GPU machines run torch 2.11 on Python 3.12 whatever we pin: the suite on that pair, in a venv
+# of its own (PyPI's torch 2.11 wheel is a CUDA build, about 5 GB with its libraries; the kernels
+# run through the interpreter as in `test`). pyenv's shim may hide python3.12: look there first.
 COMPAT_VENV ?= .venv-torch2.11
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 test-torch2.11:
-	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0
 	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test,plot,progress]'
 	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest tests/ -q
