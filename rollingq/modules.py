@@ -20,6 +20,13 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
+def _recomputing() -> bool:
+    """True while a forward runs inside a backward pass: activation checkpointing recomputing it.
+    Such a rerun must not report the batch to the controller a second time. (Not asked while
+    torch.compile traces: the tracer cannot follow the call.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class RollingQAttention(nn.Module):
     """Multi-head self-attention over `[fusion tokens | modality tokens]` (batch_first), with a
     per-head rotation of the fusion queries (RollingQ, method.md) and per-modality statistics.
@@ -195,7 +202,7 @@ class RollingQAttention(nn.Module):
 
         ctrl = self.controller
         report = ctrl is not None and bool(ctrl.collecting) \
-            and (self.training or bool(getattr(ctrl, "in_full_pass", False)))
+            and (self.training or bool(getattr(ctrl, "in_full_pass", False))) and not _recomputing()
         want_stats = bool(need_stats) or report
         out, stats = functional.rollingq_attention(
             q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),

@@ -178,6 +178,30 @@ def test_stats_only_when_asked_or_collecting(monkeypatch):
     assert m.controller is stub and "controller" not in dict(m.named_children())
 
 
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_reports_each_batch_once(reentrant):
+    """Under torch.utils.checkpoint the forward runs again inside the backward; that rerun does not
+    report the batch to the controller a second time, and the gradients are those without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    m = RollingQAttention(16, 2, 2)
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(2, 8, gen))
+    stub = StubController(collecting=True)
+    m.controller = stub
+    x = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 1, 1, 0])
+    out, _ = m(x, ids)
+    (g_plain,) = torch.autograd.grad(out.square().sum(), x)
+    assert len(stub.calls) == 1
+    out, _ = checkpoint(m, x, ids, use_reentrant=reentrant)
+    out.square().sum().backward()
+    assert len(stub.calls) == 2
+    torch.testing.assert_close(x.grad, g_plain)
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="embed_dim"):
         RollingQAttention(10, 3, 2)
