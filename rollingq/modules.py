@@ -49,7 +49,9 @@ class RollingQAttention(nn.Module):
     rotation at all. At the paper's head of 768 that turns rotating from a D x D matmul per query
     into a memory-bound pass. The factors are recomputed (an SVD on the CPU) only when the buffer's
     values change; a write to the buffer (its version counter) costs one comparison with the last
-    factored values.
+    factored values, a host sync on CUDA. DDP's default `broadcast_buffers=True` rewrites the buffer
+    before every forward: since `RollingQ` rotates every rank identically, `broadcast_buffers=False`
+    (as `rollingq.train` does, if no other buffer needs it) saves that sync and the broadcast.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_modalities: int, num_fusion_tokens: int = 1,

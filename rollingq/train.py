@@ -395,8 +395,12 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
         opt, cosine_warmup(cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))))
     ddp = model
     if world > 1:
+        # No buffer broadcast: the model's buffers are the rotation, which every rank updates
+        # identically from all-reduced statistics, and constant ids. A broadcast would cost a
+        # collective per step and rewrite the rotation, which makes RollingQAttention compare it
+        # with its factored copy (a host sync) on every step.
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     history: List[Dict[str, Any]] = []
     start_epoch = 0

@@ -12,8 +12,8 @@ import torch
 
 from rollingq.train import TrainConfig, run
 
-# max_rotations=2: the last rotation happens at the very end, after the last DDP forward (which
-# broadcasts buffers from rank 0), so equal buffers can only come from the all-reduced statistics.
+# DDP runs without buffer broadcasts (rollingq.train), so equal rotations on both ranks can only
+# come from the all-reduced statistics; max_rotations=2 puts the last one at the very end.
 CFG = dict(method="rollingq", epochs=2, max_rotations=2, n_train=96, n_test=16, dim=16, enc_layers=1, threads=1,
            progress=False, quiet=True, seed=3)
 
