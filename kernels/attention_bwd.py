@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
 from .rotate import dense_rotation, is_low_rank
@@ -67,7 +68,6 @@ PRE_D_CHUNK = 64  # the pre-pass sums do * out over D in chunks of this width (b
 
 USE_TMA = enabled_by_default()  # descriptor tiles where possible (kernels/tma.py); off: tests, ROLLINGQ_TMA=0
 _LOG2E = 1.4426950408889634
-_empty = torch.empty  # allocation of every buffer the kernels write (tests swap in NaN-filled ones)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU generation and D class. dK/dV: BLOCK_N keys
@@ -583,7 +583,7 @@ def attention_bwd(
     ieee = q_rot.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
 
-    delta = _empty(B, H, Lq, device=dev, dtype=torch.float32)
+    delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
     _bwd_preprocess_kernel[launch_grid(triton.cdiv(Lq, PRE_BLOCK_M), 1, H, B)](
         out, do, delta, *out.stride(), *do.stride(), H, Lq,
@@ -597,8 +597,8 @@ def attention_bwd(
     if (tma_dkdv or tma_dq) and dev.type == "cuda":
         ensure_scratch_allocator()
 
-    dk = _empty(B, Hkv, Lk, D, device=dev, dtype=k.dtype)
-    dv = _empty(B, Hkv, Lk, D, device=dev, dtype=v.dtype)
+    dk = common.new_buffer((B, Hkv, Lk, D), dev, k.dtype)
+    dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
@@ -610,7 +610,7 @@ def attention_bwd(
         CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split,
     )
 
-    dq = _empty(B, H, Lq, D, device=dev, dtype=q_rot.dtype)
+    dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
     split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     in_kernel_rot = rotate and n_dv == 1

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import interpreting, next_pow2, target_arch
 from .grid import launch_grid, program_ids
 from .rotate import dense_rotation
@@ -388,11 +389,6 @@ def _d_plan(d: int, split: bool, ieee: bool, arch: int):
     return SPLIT_D_CHUNK, dv, triton.cdiv(d, SPLIT_D_CHUNK)
 
 
-def _new(shape, device, dtype) -> torch.Tensor:
-    """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
-    return torch.empty(shape, device=device, dtype=dtype)
-
-
 def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot):
     """Launch the fused forward.
 
@@ -417,15 +413,15 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         rotate = False
     q_rot_out = None
     if save_qrot:
-        q_rot_out = q if not rotate else _new((B, H, Lq, D), dev, q.dtype)
+        q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
 
-    out = _new((B, H, Lq, D), dev, v.dtype)
-    lse = _new((B, H, Lq), dev, torch.float32)
+    out = common.new_buffer((B, H, Lq, D), dev, v.dtype)
+    lse = common.new_buffer((B, H, Lq), dev, torch.float32)
     mp = max(16, next_pow2(num_modalities))
     if stats:
         workers = min(triton.cdiv(Lk, KS_BLOCK), triton.cdiv(Lq, MAX_BLOCK_M) * group)
-        mass = _new((B, H, Lq, num_modalities), dev, torch.float32)
-        ksum_part = _new((B, Hkv, workers, mp, D), dev, torch.float32)
+        mass = common.new_buffer((B, H, Lq, num_modalities), dev, torch.float32)
+        ksum_part = common.new_buffer((B, Hkv, workers, mp, D), dev, torch.float32)
     else:
         workers = 0
         mass = ksum_part = lse  # never touched: STATS is a constexpr False

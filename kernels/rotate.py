@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import next_pow2
 from .grid import launch_grid, program_ids
 
@@ -96,11 +97,6 @@ def _low_rank_rotate_kernel(
         tl.store(y_rows + offs_d[None, :] * s_yd, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _new(shape, device, dtype) -> torch.Tensor:
-    """Output allocation; tests replace it with a NaN-filled one to catch unwritten elements."""
-    return torch.empty(shape, device=device, dtype=dtype)
-
-
 def _block_d(d: int, block_r: int, use_dot: bool) -> int:
     if use_dot:
         return 32
@@ -127,7 +123,7 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     a, b = (rotation[:, 0], rotation[:, 1]) if transpose else (rotation[:, 1], rotation[:, 0])
     use_dot = r > 8
     block_r = max(DOT_MIN_R, next_pow2(r)) if use_dot else next_pow2(r)
-    y = x if in_place else _new((B, H, L, D), x.device, x.dtype)
+    y = x if in_place else common.new_buffer((B, H, L, D), x.device, x.dtype)
     mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
     s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
     _low_rank_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), 1, H, B)](

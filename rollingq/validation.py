@@ -25,12 +25,12 @@ def capturing_cuda_graph(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def value_checks_enabled(device: Optional[torch.device] = None) -> bool:
+def value_checks_enabled(device: torch.device) -> bool:
     """Whether checks that read tensor values back (a host sync on CUDA) run on tensors of
     `device`; see the module doc."""
     if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
         return False
-    return device is None or not capturing_cuda_graph(device)
+    return not capturing_cuda_graph(device)
 
 
 def _require(cond: bool, message: str, exc=ValueError) -> None:

@@ -8,7 +8,7 @@ import torch
 
 import rollingq
 from rollingq.functional import uses_kernel
-from rollingq.kernels import attention_fwd
+from rollingq.kernels import attention_fwd, common
 from rollingq.reference import rollingq_attention_reference
 from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
 
@@ -23,7 +23,7 @@ def poisoned_outputs(monkeypatch):
     def nan_alloc(shape, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(attention_fwd, "_new", nan_alloc)
+    monkeypatch.setattr(common, "new_buffer", nan_alloc)
 
 
 def random_rotation(h, d, gen):

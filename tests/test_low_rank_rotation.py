@@ -11,7 +11,7 @@ import torch
 
 import rollingq
 from rollingq.functional import uses_kernel
-from rollingq.kernels import attention_bwd, attention_fwd, rotate
+from rollingq.kernels import attention_bwd, attention_fwd, common, rotate
 from rollingq.reference import rollingq_attention_reference
 from rollingq.rotation import low_rank_rotation, plane_rotation, svd_rotation
 from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
@@ -30,9 +30,7 @@ def _nan_new(shape, device, dtype):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    for mod in (attention_fwd, rotate):
-        monkeypatch.setattr(mod, "_new", _nan_new)
-    monkeypatch.setattr(attention_bwd, "_empty", lambda *shape, device=None, dtype=None: _nan_new(shape, device, dtype))
+    monkeypatch.setattr(common, "new_buffer", _nan_new)
 
 
 def _plane_rotations(H, D, n, gen) -> torch.Tensor:
