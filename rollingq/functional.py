@@ -4,6 +4,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .ops import attention_fwd_op
 from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
 from .rotation import LowRankRotation
@@ -11,6 +12,7 @@ from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.is_autocast_enabled raises for others, e.g. "meta"
 _cpu_backend = os.environ.get("ROLLINGQ_CPU_BACKEND", "auto")
 
 
@@ -70,13 +72,18 @@ def rollingq_attention(
         scale: softmax scale, default 1/sqrt(D).
         stats: False skips the statistics (plain fused attention) and returns None for them.
 
+    B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
+    (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give
+    results of the right shapes and dtypes.
+
     Returns:
         out: [B, H, Lq, D] in v's dtype, differentiable in q, k, v.
         stats: `AttentionStats(attn_mass [B, H, Lq, M] float32, key_sum [B, Hkv, M, D] float32,
             key_count [B, M] int64)`, or None when stats=False. A row with no live key gets a zero
             output row and a zero mass row.
     """
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.is_autocast_enabled(q.device.type):
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type in _AUTOCAST_DEVICES \
+            and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
@@ -84,7 +91,9 @@ def rollingq_attention(
                                       rotation, rotate_rows, causal, scale, stats)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
                  allowed_dtypes=SUPPORTED_DTYPES)
-    if not uses_kernel(q.device):
+    if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
+        # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
+        # only the key statistics), so PyTorch ops give the result without a kernel launch.
         return rollingq_attention_reference(
             q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
 
@@ -92,7 +101,6 @@ def rollingq_attention(
         # Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot (garbage, not an error).
         raise NotImplementedError("q, k, v in bfloat16 cannot run through Triton's CPU interpreter; use "
                                   "float16/float32, a CUDA device, or set_cpu_backend('reference')")
-    from .ops import attention_fwd_op  # imports Triton only when a kernel runs
 
     D = q.shape[-1]
     ids, rot, rot_mask = kernel_arguments(q, k, modality_ids, rotation, rotate_rows)

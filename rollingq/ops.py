@@ -7,8 +7,7 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
-
-from .kernels.attention_fwd import rollingq_fwd
+from torch.utils.flop_counter import register_flop_formula
 
 _EMPTY = (0,)
 
@@ -26,6 +25,8 @@ def attention_fwd_op(
     stats: bool, save_qrot: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, q_rot, attn_mass, key_sum); the last three are empty when not requested."""
+    from .kernels.attention_fwd import rollingq_fwd  # Triton is imported when a kernel first runs
+
     with _device_of(q):
         out, lse, q_rot, mass, key_sum = rollingq_fwd(
             q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot)
@@ -71,6 +72,17 @@ def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask):
     return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "rollingq_attention has no second derivative: its backward (q, k, v gradients) cannot be "
+        "differentiated again, e.g. for a gradient penalty through torch.autograd.grad(..., "
+        "create_graph=True); use rollingq.reference.rollingq_attention_reference for that")
+
+
+# Registered so that a double backward fails with the message above instead of PyTorch's generic one.
+attention_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot = inputs
     out, lse, q_rot, mass, key_sum = output
@@ -90,3 +102,17 @@ def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# torch.utils.flop_counter.FlopCounterMode (MFU estimates) counts these ops as it counts SDPA: the
+# two attention matmuls, causal or not; the rotation and the statistics are not counted.
+@register_flop_formula(torch.ops.rollingq.attention_fwd)
+def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    B, H, Lq, D = q_shape
+    return 4 * B * H * Lq * k_shape[2] * D
+
+
+@register_flop_formula(torch.ops.rollingq.attention_bwd)
+def _bwd_flops(do_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    B, H, Lq, D = q_shape
+    return 8 * B * H * Lq * k_shape[2] * D

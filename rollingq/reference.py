@@ -70,7 +70,8 @@ def rollingq_attention_reference(
     if causal:
         visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
+    # No keys at all (Lk = 0): every row is a row without a live key.
+    row_max = scores.amax(-1, keepdim=True) if Lk else scores.new_zeros(B, H, Lq, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(scores - row_max)  # exactly 0 on hidden keys
     denom = weights.sum(-1, keepdim=True)

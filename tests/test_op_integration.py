@@ -90,6 +90,36 @@ def test_statistics_are_not_differentiable():
     assert not st.attn_mass.requires_grad and not st.key_sum.requires_grad
 
 
+def test_double_backward_names_the_limit():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = inputs(torch.float32, gen, L=8)
+    out, _ = rollingq.rollingq_attention(q, k, v, torch.zeros(8, dtype=torch.long, device=DEVICE), 1)
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # first order still works
+    assert dq.requires_grad
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        dq.square().sum().backward()
+
+
+def test_flop_counter_counts_like_sdpa():
+    """FlopCounterMode sees the ops: 4*B*H*Lq*Lk*D forward, twice that backward, as it counts SDPA
+    (causal not halved; rotation and statistics not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(10)
+    B, H, Hkv, Lq, Lk, D = 2, 4, 2, 6, 11, 16
+    q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE).requires_grad_()
+    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE).requires_grad_()
+    ids = torch.randint(0, 2, (Lk,), generator=gen).to(DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 2, rotation=torch.eye(D, device=DEVICE).repeat(H, 1, 1),
+                                             rotate_rows=Lq)
+        out.sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    fwd = 4 * B * H * Lq * Lk * D
+    assert counts == {"rollingq.attention_fwd": fwd, "rollingq.attention_bwd": 2 * fwd}
+
+
 def test_torch_compile_fullgraph_module():
     """A model using RollingQAttention compiles with fullgraph=True (no graph break), forward and
     backward, through Inductor, and matches eager."""
