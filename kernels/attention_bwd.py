@@ -200,6 +200,7 @@ def _bwd_dkdv_kernel(
     H, Lq, Lk, GROUP,
     sm_scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
+    TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     HEAD_D: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / reduction chunk (split path)
     BLOCK_DV: tl.constexpr,  # dk/dv columns per program
@@ -314,6 +315,7 @@ def _bwd_dq_kernel(
     s_rmb, s_rmm,
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
+    TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
@@ -465,9 +467,10 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None):
 
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
-                       ["Lq", "Lk", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE"])
+                       ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE"])
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
-                     ["Lq", "Lk", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"], _DQ_WIDE)
+                     ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"],
+                     _DQ_WIDE)
 
 
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:
@@ -605,7 +608,7 @@ def attention_bwd(
         q_rot, k, v, do, lse, delta, ids, dk, dv,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ids.stride(0), ids.stride(1),
-        H, Lq, Lk, group, float(scale), qk_scale,
+        H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split,
     )
@@ -623,7 +626,7 @@ def attention_bwd(
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
-        H, Lq, Lk, group, float(scale), qk_scale,
+        H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,

@@ -138,7 +138,8 @@ def _qk(s, qc, desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D
 
 @triton.autotune(
     configs=_configs(),
-    key=["Lq", "Lk", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE"],
+    # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it.
+    key=["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -152,6 +153,7 @@ def _rollingq_fwd_kernel(
     s_ib, s_in,
     H, Lq, Lk, M, GROUP, NUM_WORKERS,
     qk_scale,  # softmax scale * log2(e): the loop works in base 2
+    TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     HEAD_D: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / D chunk of the score loop (split path)
     BLOCK_DV: tl.constexpr,  # output columns per program
@@ -444,7 +446,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
         H, Lq, Lk, num_modalities, group, workers,
-        scale * 1.4426950408889634,
+        scale * 1.4426950408889634, common.tune_length(Lq), common.tune_length(Lk),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
         EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,

@@ -12,6 +12,15 @@ def next_pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
+def tune_length(n: int) -> int:
+    """A sequence length as the autotuners key it (the kernels' TUNE_LQ / TUNE_LK arguments): the
+    next power of two, at least 16. Keyed on exact lengths, training on lengths that vary from
+    batch to batch would re-time every config at each new length (a dozen configs over forward and
+    backward, ~0.1 s each with the autotuner's default timing); within a power-of-two bucket the
+    work per tile, and so the best tile, barely moves."""
+    return max(16, next_pow2(n))
+
+
 def new_buffer(shape, device, dtype):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
     tests swap in NaN-filled buffers, so an unwritten element fails them."""
