@@ -82,15 +82,25 @@ def rollingq_attention(
             key_count [B, M] int64)`, or None when stats=False. A row with no live key gets a zero
             output row and a zero mass row.
     """
+    return attention(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: torch.Tensor, num_modalities: int,
+              rotation: Rotation = None, rotate_rows: RotateRows = None, causal: bool = False,
+              scale: Optional[float] = None, stats: bool = True,
+              ids_in_range: bool = False) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+    """`rollingq_attention`, for callers that have checked the ids' values themselves
+    (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
+    would cost a second host sync per call)."""
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type in _AUTOCAST_DEVICES \
             and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
-            return rollingq_attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
-                                      rotation, rotate_rows, causal, scale, stats)
+            return attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
+                             rotation, rotate_rows, causal, scale, stats, ids_in_range)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
-                 allowed_dtypes=SUPPORTED_DTYPES)
+                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range)
     if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.

@@ -7,7 +7,7 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import MAX_MODALITIES, capturing_cuda_graph, value_checks_enabled
+from .validation import MAX_MODALITIES, capturing_cuda_graph, checked_values, value_checks_enabled
 
 __all__ = ["RollingQAttention"]
 
@@ -152,14 +152,14 @@ class RollingQAttention(nn.Module):
                 or (modality_ids.dim() == 2 and tuple(modality_ids.shape) == (B, Lm))):
             raise ValueError(f"modality_ids must cover the modality tokens only: shape [L - num_fusion_tokens] = "
                              f"[{Lm}] or [B, {Lm}], got {tuple(modality_ids.shape)}")
-        ids = modality_ids.to(device=device, dtype=torch.int64)
-        if ids.numel() and value_checks_enabled(ids.device):
-            # Checked here, not only in the kernel's checks: there an id of M would pass silently
-            # as the fusion class. One host sync for both bounds.
-            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+        if modality_ids.numel() and value_checks_enabled(modality_ids.device):
+            # Checked here, not by the op: there an id of M would pass silently as the fusion class.
+            # On the tensor as passed (a CPU one costs no sync) and once per tensor version.
+            lo, hi = checked_values.ids_range(modality_ids)
             if lo < -1 or hi >= M:
                 raise ValueError(f"modality_ids must hold values in 0..{M - 1} (or -1 for padding), "
                                  f"got range {lo}..{hi}")
+        ids = modality_ids.to(device=device, dtype=torch.int64)
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
@@ -206,9 +206,9 @@ class RollingQAttention(nn.Module):
         report = ctrl is not None and bool(ctrl.collecting) \
             and (self.training or bool(getattr(ctrl, "in_full_pass", False))) and not _recomputing()
         want_stats = bool(need_stats) or report
-        out, stats = functional.rollingq_attention(
+        out, stats = functional.attention(
             q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),
-            rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats)
+            rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats, ids_in_range=True)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
         if report:
             # float32 even under autocast: the controller averages these over a whole epoch.

@@ -1,12 +1,16 @@
 """Argument checks shared by the public function, the reference and the module.
 
 Every error names the argument and what was expected; nothing is reshaped or truncated silently.
-Checks on tensor *values* (ids range, finite rotation) read the data back, which is one host sync
-per call on CUDA; set ROLLINGQ_CHECK_VALUES=0 to skip them. They are skipped while torch.compile
-traces and while a CUDA graph is captured, where data cannot be read.
+Checks on tensor *values* (ids range, finite rotation) read the data back, a host sync on CUDA.
+Their results are kept per live tensor and version (`checked_values`), so a tensor passed again
+unchanged (a fixed modality layout, the module's rotation buffer) is not read again; an in-place
+write bumps the version and the next call checks anew. Set ROLLINGQ_CHECK_VALUES=0 to skip them
+altogether. They are skipped while torch.compile traces and while a CUDA graph is captured, where
+data cannot be read.
 """
 import os
-from typing import Optional, Union
+import weakref
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -35,6 +39,39 @@ def value_checks_enabled(device: torch.device) -> bool:
     return not capturing_cuda_graph(device)
 
 
+class CheckedValues:
+    """What a value check found, per live tensor and version. Writes that bypass the version
+    counter (through `.data`, or by a foreign kernel) are not seen: such a tensor is not re-read."""
+
+    def __init__(self) -> None:
+        self._found: Dict[Tuple[int, str], tuple] = {}
+
+    def get(self, t: torch.Tensor, what: str, compute: Callable[[torch.Tensor], object]):
+        try:
+            version = t._version
+        except RuntimeError:  # inference-mode tensors keep no version: check every time
+            return compute(t)
+        key = (id(t), what)
+        hit = self._found.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == version:
+            return hit[2]
+        found = compute(t)
+        # Dropped when the tensor dies, before its id can be reused.
+        ref = weakref.ref(t, lambda _, key=key, table=self._found: table.pop(key, None))
+        self._found[key] = (ref, version, found)
+        return found
+
+    def ids_range(self, ids: torch.Tensor) -> Tuple[int, int]:
+        """(min, max) of a non-empty integer tensor; one host sync for both the first time."""
+        return self.get(ids, "range", lambda t: tuple(torch.stack(torch.aminmax(t)).tolist()))
+
+    def finite(self, t: torch.Tensor) -> bool:
+        return self.get(t, "finite", lambda x: bool(torch.isfinite(x).all()))
+
+
+checked_values = CheckedValues()
+
+
 def _require(cond: bool, message: str, exc=ValueError) -> None:
     if not cond:
         raise exc(message)
@@ -51,7 +88,10 @@ def check_inputs(
     causal: bool,
     scale: Optional[float],
     allowed_dtypes=SUPPORTED_DTYPES + (torch.float64,),
+    ids_in_range: bool = False,
 ) -> None:
+    """Raises on any bad argument. `ids_in_range`: the caller has checked the ids' values already
+    (RollingQAttention, which builds them from checked ones)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
         _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -82,8 +122,8 @@ def check_inputs(
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
     check_values = value_checks_enabled(q.device)
-    if check_values and modality_ids.numel():
-        lo, hi = torch.stack(torch.aminmax(modality_ids)).tolist()  # one host sync for both bounds
+    if check_values and modality_ids.numel() and not ids_in_range:
+        lo, hi = checked_values.ids_range(modality_ids)
         _require(lo >= -1 and hi < num_modalities,
                  f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
 
@@ -96,7 +136,7 @@ def check_inputs(
         _require(rotation.dtype.is_floating_point, f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, f"rotation must be on {q.device}, got {rotation.device}")
         if check_values:
-            _require(bool(torch.isfinite(rotation).all()), "rotation must be finite (it holds NaN or inf)")
+            _require(checked_values.finite(rotation), "rotation must be finite (it holds NaN or inf)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
             _require(rotate_rows.dtype == torch.bool, f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
@@ -126,7 +166,7 @@ def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_val
              f"rotation.left and rotation.right must have one shape [H, D, r], got {tuple(rotation.left.shape)} "
              f"and {tuple(rotation.right.shape)}")
     if check_values:
-        _require(bool(torch.isfinite(rotation.left).all() & torch.isfinite(rotation.right).all()),
+        _require(checked_values.finite(rotation.left) and checked_values.finite(rotation.right),
                  "rotation.left and rotation.right must be finite (they hold NaN or inf)")
 
 

@@ -69,3 +69,36 @@ def test_valid_input_passes():
 def test_cpu_backend_setting_is_validated():
     with pytest.raises(ValueError, match="backend must be one of"):
         rollingq.functional.set_cpu_backend("gpu")
+
+
+def test_value_checks_read_each_tensor_version_once(monkeypatch):
+    """ids and rotation values are read back (a host sync on CUDA) once per tensor version: an
+    unchanged tensor passed again is not re-read, an in-place write is checked anew."""
+    reads = []
+    args = base(rotation=torch.linalg.qr(torch.randn(4, 8, 8))[0], rotate_rows=2)
+    aminmax, isfinite = torch.aminmax, torch.isfinite
+    # Only the reads of these two tensors count (the reference path calls isfinite on its own).
+    monkeypatch.setattr(torch, "aminmax", lambda t: (t is args["modality_ids"] and reads.append("ids")) or aminmax(t))
+    monkeypatch.setattr(torch, "isfinite", lambda t: (t is args["rotation"] and reads.append("rot")) or isfinite(t))
+    for _ in range(3):
+        rollingq.rollingq_attention(**args)
+    assert reads == ["ids", "rot"]
+    args["modality_ids"][0] = 1  # legal write: checked again
+    rollingq.rollingq_attention(**args)
+    assert reads == ["ids", "rot", "ids"]
+    args["modality_ids"][0] = 2
+    with pytest.raises(ValueError, match=r"modality_ids must hold values in -1..1 \(-1 = padding\), got range -1..2"):
+        rollingq.rollingq_attention(**args)
+    args["modality_ids"][0] = 0
+    args["rotation"][1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="rotation must be finite"):
+        rollingq.rollingq_attention(**args)
+
+
+def test_value_check_results_die_with_their_tensors():
+    from rollingq.validation import checked_values
+
+    before = len(checked_values._found)
+    for _ in range(20):
+        rollingq.rollingq_attention(**base(modality_ids=torch.tensor([0, 0, 1, 1, -1, 1])))
+    assert len(checked_values._found) <= before + 1

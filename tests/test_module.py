@@ -139,13 +139,13 @@ def test_stats_only_when_asked_or_collecting(monkeypatch):
     with torch.no_grad():
         m.rotation.copy_(random_rotation(H, D, gen))
     seen = []
-    real = rollingq.functional.rollingq_attention
+    real = rollingq.functional.attention
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((kwargs["stats"], q.stride(), q.data_ptr()))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(rollingq.functional, "rollingq_attention", spy)
+    monkeypatch.setattr(rollingq.functional, "attention", spy)
     B, L = 3, 7
     x = torch.randn(B, L, H * D, generator=gen)
     ids = torch.tensor([0, 0, 1, 1, 1])
@@ -318,3 +318,32 @@ def test_capture_of_a_cuda_graph_reads_nothing_back(monkeypatch):
     assert m.rotation_for_kernel() is not m.rotation  # factored outside a capture
     monkeypatch.setattr(modules, "capturing_cuda_graph", lambda device: True)
     assert m.rotation_for_kernel() is m.rotation
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_steady_state_forward_reads_no_values_back(low_rank, monkeypatch):
+    """Value checks read data back (a host sync on CUDA). With the same modality_ids tensor and an
+    unchanged rotation, only the first forward reads anything: the user's ids once, the rotation
+    (its factors, or the dense buffer) once; the ids the module builds from them are not re-read."""
+    from rollingq.rotation import plane_rotation
+    from rollingq.validation import CheckedValues
+
+    reads = []
+    get = CheckedValues.get
+    monkeypatch.setattr(CheckedValues, "get", lambda self, t, what, compute: get(
+        self, t, what, lambda x: reads.append(what) or compute(x)))
+    gen = torch.Generator().manual_seed(8)
+    m = RollingQAttention(32, 2, 2)
+    with torch.no_grad():
+        if low_rank:
+            m.rotation.copy_(plane_rotation(*torch.randn(2, 2, 16, generator=gen, dtype=torch.float64)).float())
+        else:
+            m.rotation.copy_(random_rotation(2, 16, gen))
+    ids = torch.tensor([0, 1, 1, 0, -1, 1])
+    for _ in range(3):
+        out, _ = m(torch.randn(2, 7, 32, generator=gen), ids, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+    assert reads == ["range"] + ["finite"] * (2 if low_rank else 1)
+    ids[0] = 2  # out of range, written in place: caught on the next call
+    with pytest.raises(ValueError, match="modality_ids must hold values in 0..1"):
+        m(torch.randn(2, 7, 32, generator=gen), ids)
