@@ -33,11 +33,13 @@ class Problem(NamedTuple):
     rotate_rows: Optional[int]  # rows 0..n-1 rotated; None: no rotation
     stats: bool
     grad: bool  # a backward follows (the forward saves the rotated queries)
+    dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
 
 
-def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True):
+def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
+             dense=False):
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
-                   stats, grad)
+                   stats, grad, dense)
 
 
 # The inspection set: every D class and path, the heaviest variant (rotation, statistics, backward).
@@ -49,6 +51,8 @@ CHECK_PROBLEMS = (
     _problem("H32_L8192_D128_causal", 1, 32, 32, 8192, 8192, 128, True, 2),
     _problem("gqa_H8_Hkv2_L1024_D128_causal", 1, 8, 2, 1024, 1024, 128, True, 2),
     _problem("H4_L2048_D256", 1, 4, 4, 2048, 2048, 256, False, 2),
+    # RollingQAttention's fusion row with its dense buffer (under torch.compile, or an svd_rotation).
+    _problem("paper_L907_D768_dense_row", 1, 1, 1, 907, 907, 768, False, 3, rotate_rows=1, dense=True),
 )
 
 
@@ -71,8 +75,13 @@ def gpu_check_problems() -> List[Problem]:
     for b, h, hkv, lq, lk, d, causal in CUDA_LARGE_SHAPES:
         name = f"test_H{h}_Hkv{hkv}_L{lq}x{lk}_D{d}{'_causal' if causal else ''}"
         out.append(_problem(name + "_fwd", b, h, hkv, lq, lk, d, causal, 3, per_batch=True, grad=False))
-        out.append(_problem(name + "_grad", b, h, hkv, lq, lk, d, causal, 3, per_batch=True, rotate_rows=min(4, lq)))
+        for dense in (False, True):  # test_gradients_cuda_large passes a dense rotation
+            out.append(_problem(name + "_grad" + "_dense" * dense, b, h, hkv, lq, lk, d, causal, 3, per_batch=True,
+                                rotate_rows=min(4, lq), dense=dense))
     return out
+
+
+ROTATE_KERNELS = ["_low_rank_rotate_kernel", "_dense_rows_rotate_kernel"]
 
 
 def record(p: Problem, dtype: torch.dtype) -> list:
@@ -93,19 +102,19 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     rotation = None
     if p.rotate_rows is not None:
         d, h = p.head_dim, p.heads
-        rotation = LowRankRotation(torch.ones(h, d, 2), torch.ones(h, d, 2))
+        rotation = torch.ones(h, d, d) if p.dense else LowRankRotation(torch.ones(h, d, 2), torch.ones(h, d, 2))
     ids32, rot, rot_mask = kernel_arguments(q, k, ids, rotation, p.rotate_rows)
     scale = p.head_dim ** -0.5
     save = p.grad and rot is not None
     with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
-            captured_launches(rotate, ["_low_rank_rotate_kernel"]) as rotations:
+            captured_launches(rotate, ROTATE_KERNELS) as rotations:
         out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
                                                  p.stats, save)
     launches = rotations + launches
     if p.grad:  # what rollingq/ops.py saves for and hands to the backward
         q_used = q_rot.contiguous() if save else q
         with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
-                captured_launches(rotate, ["_low_rank_rotate_kernel"]) as rotations:
+                captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
                               None if rot_mask is None else rot_mask.view(torch.bool))
         launches += rec + rotations
@@ -114,7 +123,8 @@ def record(p: Problem, dtype: torch.dtype) -> list:
 
 def short_name(fn_name: str) -> str:
     return {"_rollingq_fwd_kernel": "fwd", "_bwd_preprocess_kernel": "bwd_pre", "_bwd_dkdv_kernel": "bwd_dkdv",
-            "_bwd_dq_kernel": "bwd_dq", "_low_rank_rotate_kernel": "rotate"}.get(fn_name, fn_name)
+            "_bwd_dq_kernel": "bwd_dq", "_low_rank_rotate_kernel": "rotate",
+            "_dense_rows_rotate_kernel": "rotate_dense"}.get(fn_name, fn_name)
 
 
 def _launch_configs(problems, dtypes, arch: Optional[int]):

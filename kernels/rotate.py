@@ -1,7 +1,10 @@
 """Rotating query rows outside the attention kernels: dense, or as the identity plus a low rank.
 
 The launchers get the rotation in one of two float32 forms (rollingq.functional.kernel_arguments):
-- dense [H, D, D]: x' = x @ R^T, a batched matmul (2 D^2 multiply-adds per row);
+- dense [H, D, D]: x' = x @ R^T, 2 D^2 multiply-adds per row: a batched matmul when every row is
+  rotated; with a row mask a kernel here that multiplies only in row blocks holding a selected row
+  and copies the rest (RollingQAttention's default rotates one fusion row per sequence, so a
+  matmul over all rows and a select would cost ~L times the work and two extra passes);
 - packed [H, 2, D, r] = (left, right) with R = I + left @ right^T: x' = x + (x @ right) @ left^T,
   4 D r multiply-adds per row, done here by one memory-bound kernel that reads x, forms the r
   projections in float32 and writes x' once (RollingQ's plane rotations give r = 2 per rotation).
@@ -97,6 +100,64 @@ def _low_rank_rotate_kernel(
         tl.store(y_rows + offs_d[None, :] * s_yd, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _dense_rows_rotate_kernel(
+    x_ptr, r_ptr, mask_ptr, y_ptr,
+    s_xb, s_xh, s_xl, s_xd,
+    s_yb, s_yh, s_yl, s_yd,
+    s_rh, s_ro, s_ri,  # y[., o] = sum_i x[., i] * r[h, o, i] (strides swapped for the transpose)
+    s_mb, s_ml,
+    L,
+    HEAD_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 rows: exact products; 16-bit: R in x's dtype, as a matmul in it would be
+):
+    blk, oc, h, b = program_ids((HEAD_D + BLOCK_O - 1) // BLOCK_O)
+    offs_l = blk * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows = offs_l < L
+    sel = tl.load(mask_ptr + b * s_mb + offs_l * s_ml, mask=rows, other=0) != 0
+    offs_o = oc * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = offs_o < HEAD_D
+    x_rows = x_ptr + b * s_xb + h.to(tl.int64) * s_xh + offs_l[:, None].to(tl.int64) * s_xl
+    r_base = r_ptr + h.to(tl.int64) * s_rh
+    acc = tl.zeros([BLOCK_L, BLOCK_O], dtype=tl.float32)
+    # A block without a selected row runs no step: it only copies its rows.
+    hi = tl.where(tl.max(sel.to(tl.int32), 0) > 0, HEAD_D, 0)
+    for i0 in range(0, hi, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < HEAD_D
+        xi = tl.load(x_rows + offs_i[None, :] * s_xd, mask=sel[:, None] & i_ok[None, :], other=0.0)
+        rt = tl.load(r_base + offs_i[:, None] * s_ri + offs_o[None, :] * s_ro, mask=i_ok[:, None] & o_ok[None, :],
+                     other=0.0)
+        if IEEE:
+            acc = tl.dot(xi.to(tl.float32), rt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xi, rt.to(xi.dtype), acc)
+    ok = rows[:, None] & o_ok[None, :]
+    xo = tl.load(x_rows + offs_o[None, :] * s_xd, mask=ok, other=0.0)
+    y = tl.where(sel[:, None], acc.to(xo.dtype), xo)
+    tl.store(y_ptr + b * s_yb + h.to(tl.int64) * s_yh + offs_l[:, None].to(tl.int64) * s_yl + offs_o[None, :] * s_yd,
+             y, mask=ok)
+
+
+DENSE_BLOCK_O = 64  # output columns per program of the dense kernel
+DENSE_BLOCK_I = 32  # input columns per step
+
+
+def _rotate_dense_rows(x: torch.Tensor, rotation: torch.Tensor, rot_mask: torch.Tensor,
+                       transpose: bool) -> torch.Tensor:
+    B, H, L, D = x.shape
+    y = common.new_buffer((B, H, L, D), x.device, x.dtype)
+    mask = rot_mask.view(torch.uint8) if rot_mask.dtype == torch.bool else rot_mask
+    s_rh, s_ro, s_ri = rotation.stride()
+    if transpose:  # x @ R: y[., o] = sum_i x[., i] * R[i, o]
+        s_ro, s_ri = s_ri, s_ro
+    _dense_rows_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), triton.cdiv(D, DENSE_BLOCK_O), H, B)](
+        x, rotation, mask, y, *x.stride(), *y.stride(), s_rh, s_ro, s_ri, *mask.stride(), L,
+        HEAD_D=D, BLOCK_L=BLOCK_L, BLOCK_O=DENSE_BLOCK_O, BLOCK_I=DENSE_BLOCK_I, IEEE=x.dtype == torch.float32,
+        num_warps=4)
+    return y
+
+
 def _block_d(d: int, block_r: int, use_dot: bool) -> int:
     if use_dot:
         return 32
@@ -109,14 +170,15 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     (bool/uint8 [B, L], stride 0 allowed; None: every row) is set, unchanged elsewhere.
 
     rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new tensor in x's dtype
-    (contiguous for the packed form, whatever einsum gives for the dense one); with in_place (the
+    (contiguous, except whatever einsum gives for a dense rotation of every row); with in_place (the
     packed form only, for a buffer the caller owns, e.g. dq) x itself, whose unselected rows are
     not touched.
     """
     if not is_low_rank(rotation):
+        if rot_mask is not None:
+            return _rotate_dense_rows(x, rotation, rot_mask, transpose)
         eq = "bhld,hde->bhle" if transpose else "bhld,hed->bhle"
-        rotated = torch.einsum(eq, x, rotation.to(x.dtype))
-        return rotated if rot_mask is None else torch.where(rot_mask.bool()[:, None, :, None], rotated, x)
+        return torch.einsum(eq, x, rotation.to(x.dtype))
     B, H, L, D = x.shape
     r = rotation.shape[-1]
     # x @ R^T = x + (x @ right) @ left^T; x @ R = x + (x @ left) @ right^T.

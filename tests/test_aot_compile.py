@@ -26,7 +26,7 @@ def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
     reports = json.loads(out.read_text()) if out.exists() else []
     assert reports, f"no reports:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     names = {r["name"].split()[0] for r in reports}
-    assert names == {"fwd", "bwd_pre", "bwd_dkdv", "bwd_dq", "rotate"}, names
+    assert names == {"fwd", "bwd_pre", "bwd_dkdv", "bwd_dq", "rotate", "rotate_dense"}, names
     bad = [r for r in reports if r["error"] or r.get("over_shared") or r.get("spill_bytes", 0) > 0]
     assert not bad, "\n".join(f"{r['name']} sm_{r['arch']}: error={r['error']} shared={r.get('shared')} "
                               f"spills={r.get('spill_bytes')}" for r in bad)
@@ -45,7 +45,8 @@ def test_variants_carry_the_launch_specialisation():
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(proc.stdout)
     assert {v["kernel"] for v in variants} == {"_rollingq_fwd_kernel", "_bwd_preprocess_kernel",
-                                               "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_low_rank_rotate_kernel"}
+                                               "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_low_rank_rotate_kernel",
+                                               "_dense_rows_rotate_kernel"}
 
     def fwd(arch, specimen):
         return [v for v in variants if v["arch"] == arch and v["kernel"] == "_rollingq_fwd_kernel"
