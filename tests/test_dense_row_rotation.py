@@ -7,10 +7,15 @@ On CPU the kernels run through Triton's interpreter; every kernel output starts 
 import pytest
 import torch
 
-from rollingq.kernels import rotate
-from tests.test_low_rank_rotation import DEVICE, DTYPES, _check_parity, _force_split, _gen, poisoned  # noqa: F401
+from rollingq.kernels import common, rotate
+from tests.test_low_rank_rotation import DEVICE, DTYPES, _check_parity, _force_split, _gen, _nan_new
 
 pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(common, "new_buffer", _nan_new)
 
 
 def _rotations(H, D, gen) -> torch.Tensor:
