@@ -4,26 +4,16 @@ import torch
 
 import rollingq
 from rollingq.reference import modality_one_hot
+from tests.test_op_integration import DEVICE, random_problem
 
 pytestmark = pytest.mark.kernel  # through the kernel path's dispatch (the interpreter on CPU)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tensors(B, H, Hkv, Lq, Lk, D, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE, dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
-    ids = torch.randint(-1, 3, (B, Lk), generator=gen).to(DEVICE)
-    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
-    return q, k, v, ids, rot
 
 
 @pytest.mark.parametrize("B, Lq, Lk, causal", [(0, 5, 5, True), (2, 0, 7, False), (2, 6, 0, False),
                                                (2, 0, 0, True)])
 def test_empty_dimensions(B, Lq, Lk, causal):
     H, Hkv, D, M = 4, 2, 16, 3
-    q, k, v, ids, rot = tensors(B, H, Hkv, Lq, Lk, D)
+    _, q, k, v, ids, rot = random_problem(torch.float32, B, H, Hkv, Lq, Lk, D, seed=0)
     out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=Lq, causal=causal)
     assert out.shape == (B, H, Lq, D) and out.dtype == v.dtype
     assert st.attn_mass.shape == (B, H, Lq, M) and st.attn_mass.dtype == torch.float32

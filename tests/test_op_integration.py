@@ -19,14 +19,20 @@ def inputs(dtype, gen, B=2, H=4, Hkv=2, L=19, D=16):
     return q, k, v
 
 
-def check_gradients(dtype, B, H, Hkv, Lq, Lk, D, causal, seed):
-    """dq, dk, dv through the public function against float64 autograd of the reference."""
+def random_problem(dtype, B, H, Hkv, Lq, Lk, D, seed):
+    """(generator, q, k, v requiring grad, ids [B, Lk] in -1..2, a random orthogonal rotation [H, D, D])."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE, dtype).requires_grad_()
     k = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
     v = torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE, dtype).requires_grad_()
     ids = torch.randint(-1, 3, (B, Lk), generator=gen).to(DEVICE)
     rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    return gen, q, k, v, ids, rot
+
+
+def check_gradients(dtype, B, H, Hkv, Lq, Lk, D, causal, seed):
+    """dq, dk, dv through the public function against float64 autograd of the reference."""
+    gen, q, k, v, ids, rot = random_problem(dtype, B, H, Hkv, Lq, Lk, D, seed)
     rows = min(4, Lq)
     assert uses_kernel(q.device)
     out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=rot, rotate_rows=rows, causal=causal)
