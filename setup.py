@@ -11,6 +11,7 @@ setup(
     # `kernels` module lands in site-packages (a PyPI package of that name exists).
     packages=["rollingq", "rollingq.kernels"],
     package_dir={"rollingq": "rollingq", "rollingq.kernels": "kernels"},
+    package_data={"rollingq": ["py.typed"]},  # PEP 561: type checkers read the package's own hints
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         # Triton 3.6's interpreter (used by the CPU tests) breaks on NumPy 2.4's scalar conversion.

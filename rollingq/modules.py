@@ -115,9 +115,10 @@ class RollingQAttention(nn.Module):
     def rotation_for_kernel(self) -> Union[torch.Tensor, LowRankRotation]:
         """The rotation as `forward` passes it on: a `LowRankRotation` while R - I has rank at most
         head_dim // 8 (rank 0: the identity, no rotation), else the dense buffer. While
-        torch.compile traces or a CUDA graph is captured (and on the meta device), the dense buffer: the factor cache is
-        Python-side state that a compiled graph or a graph replay would not see change, while the
-        buffer is updated in place (`RollingQ` writes it with copy_), so replays use the current one."""
+        torch.compile traces or a CUDA graph is captured (and on the meta device), the dense
+        buffer: the factor cache is Python-side state that a compiled graph or a graph replay would
+        not see change, while the buffer is updated in place (`RollingQ` writes it with copy_), so
+        replays use the current one."""
         R = self.rotation
         if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta:
             return R
