@@ -155,6 +155,8 @@ def _pruner(table, wide_table=None):
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
         keep = table[target_arch()][_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
         kept = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
+        if torch.are_deterministic_algorithms_enabled():  # a fixed choice: see attention_fwd._prune
+            return [c for c in kept if _row(c) == keep[0]] or configs[-1:]
         if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
                 and kwargs["HEAD_D"] <= WIDE_MAX_D):
             wide = wide_table.get(target_arch(), [])
@@ -452,13 +454,21 @@ def _bwd_dq_kernel(
         tl.store(dq_ptr + offs_dv[None, :] * s_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
 
-def _autotuned(kernel, table, interp_row, key, wide_table=None):
-    """Autotune over the union of the tables' rows; a kernel with a wide split gets WIDE in every
+def table_configs(table, wide_table=None) -> List[triton.Config]:
+    """The union of the tables' rows as configs; a kernel with a wide split gets WIDE in every
     config (0 for the table rows, 1 for the wide rows)."""
-    extra = {} if wide_table is None else {"WIDE": 0}
-    configs = _to_configs([interp_row] if interpreting() else _union(table), **extra)
-    if wide_table is not None and not interpreting():
-        configs += _to_configs(sorted({r for rows in wide_table.values() for r in rows}), WIDE=1)
+    if wide_table is None:
+        return _to_configs(_union(table))
+    return _to_configs(_union(table), WIDE=0) + _to_configs(sorted({r for rows in wide_table.values() for r in rows}),
+                                                            WIDE=1)
+
+
+def _autotuned(kernel, table, interp_row, key, wide_table=None):
+    """Autotune over `table_configs` (the interpreter: its one row)."""
+    if interpreting():
+        configs = _to_configs([interp_row], **({} if wide_table is None else {"WIDE": 0}))
+    else:
+        configs = table_configs(table, wide_table)
     return triton.autotune(
         configs=configs,
         key=key,

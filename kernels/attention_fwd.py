@@ -116,6 +116,10 @@ def _prune(configs, named_args, **kwargs):
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}
     key = lambda c: ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["WIDE"])  # noqa: E731
+    if torch.are_deterministic_algorithms_enabled():
+        # Timing picks between near-equal configs differently from run to run, and the tile sizes
+        # set the summation order: a fixed choice (the class list's first row) repeats bit for bit.
+        wanted = {(table[prec, cls][0], 0)}
     return [c for c in configs if key(c) in wanted]
 
 

@@ -1,5 +1,6 @@
-"""What the autotuners key on: lengths by power-of-two bucket, so that training on lengths that vary
-from batch to batch does not re-time every config at each new length."""
+"""What the autotuners key on and choose among: lengths by power-of-two bucket, so that training on
+lengths that vary from batch to batch does not re-time every config at each new length; and one
+fixed config per launch under torch.use_deterministic_algorithms, so that runs repeat bit for bit."""
 import os
 import sys
 
@@ -11,9 +12,9 @@ from rollingq.kernels.common import tune_length
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
-    """{kernel name: the key its autotuner would look up} for one forward and backward, computed
-    from the recorded launch arguments as `triton.runtime.autotuner.Autotuner.run` computes it."""
+def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
+    """(autotuner, positional arguments by name, keyword arguments) of each autotuned launch of one
+    forward and backward, recorded from the launchers on CPU tensors (bench/launches.py)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         from launches import _problem, record
@@ -21,16 +22,20 @@ def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
         sys.path.pop(0)
     import triton
 
-    keys = {}
     p = _problem("keys", 2, heads, kv_heads, lq, lk, head_dim, causal, 3, per_batch=True, rotate_rows=5)
-    for launch in record(p, torch.float16):
-        at = launch.kernel
-        if not isinstance(at, triton.runtime.autotuner.Autotuner):
-            continue
-        args = dict(zip(at.arg_names, launch.args), **launch.kwargs)
-        assert all(name in args for name in at.keys), f"{launch.fn.__name__}: a key argument is not passed"
+    return [(launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)), launch.kwargs)
+            for launch in record(p, torch.float16) if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner)]
+
+
+def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
+    """{kernel name: the key its autotuner would look up}, computed from the recorded launch
+    arguments as `triton.runtime.autotuner.Autotuner.run` computes it."""
+    keys = {}
+    for at, named, kwargs in autotuned_launches(lq, lk, causal, head_dim, heads, kv_heads):
+        args = dict(named, **kwargs)
+        assert all(name in args for name in at.keys), f"{at.base_fn.__name__}: a key argument is not passed"
         key = [args[name] for name in at.keys] + [str(a.dtype) for a in args.values() if hasattr(a, "dtype")]
-        keys[launch.fn.__name__] = tuple(key)
+        keys[at.base_fn.__name__] = tuple(key)
     assert set(keys) == {"_rollingq_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     return keys
 
@@ -60,3 +65,34 @@ def test_forward_key_holds_the_descriptor_choice(monkeypatch):
     monkeypatch.setattr(attention_fwd, "USE_TMA", False)
     without = autotune_keys(256, 256, head_dim=128)["_rollingq_fwd_kernel"]
     assert with_tma != without
+
+
+@pytest.mark.parametrize("head_dim", [64, 768])
+def test_deterministic_mode_fixes_one_config(head_dim):
+    """Among the configs a GPU would time (the full tables, planned for sm_90), the pruners keep
+    several; under torch.use_deterministic_algorithms(True) exactly one, the class list's first."""
+    from rollingq.kernels import attention_bwd, attention_fwd
+    from rollingq.kernels.common import planning_for
+
+    every = {"_rollingq_fwd_kernel": attention_fwd._table_configs(),
+             "_bwd_dkdv_kernel": attention_bwd.table_configs(attention_bwd._DKDV_TABLE),
+             "_bwd_dq_kernel": attention_bwd.table_configs(attention_bwd._DQ_TABLE, attention_bwd._DQ_WIDE)}
+    with planning_for(90):
+        launches = autotuned_launches(907, 907, head_dim=head_dim)
+        free = {at.base_fn.__name__: at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
+                for at, named, kwargs in launches}
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            fixed = {at.base_fn.__name__: at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
+                     for at, named, kwargs in launches}
+        finally:
+            torch.use_deterministic_algorithms(was)
+    assert all(len(c) > 1 for c in free.values()), {k: len(c) for k, c in free.items()}
+    for name, chosen in fixed.items():
+        assert len(chosen) == 1 and chosen[0] in free[name], name
+        assert not chosen[0].kwargs.get("WIDE"), name
+    fwd_class = ("16bit", 64) if head_dim == 64 else ("16bit", "split")
+    row = attention_fwd.FWD_CONFIGS_BY_ARCH[90][fwd_class][0]
+    c = fixed["_rollingq_fwd_kernel"][0]
+    assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == row
