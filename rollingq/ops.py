@@ -105,7 +105,8 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # torch.utils.flop_counter.FlopCounterMode (MFU estimates) counts these ops as it counts SDPA: the
-# two attention matmuls, causal or not; the rotation and the statistics are not counted.
+# two attention matmuls forward, five backward (the scores recomputed), causal or not; the rotation
+# and the statistics are not counted.
 @register_flop_formula(torch.ops.rollingq.attention_fwd)
 def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     B, H, Lq, D = q_shape
@@ -115,4 +116,4 @@ def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.rollingq.attention_bwd)
 def _bwd_flops(do_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     B, H, Lq, D = q_shape
-    return 8 * B * H * Lq * k_shape[2] * D
+    return 10 * B * H * Lq * k_shape[2] * D
