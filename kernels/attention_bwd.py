@@ -155,7 +155,7 @@ def _pruner(table, wide_table=None):
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
         keep = table[target_arch()][_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
         kept = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
-        if torch.are_deterministic_algorithms_enabled():  # a fixed choice: see attention_fwd._prune
+        if dict(named_args, **kwargs).get("DETERMINISTIC"):  # one fixed config (common.deterministic)
             return [c for c in kept if _row(c) == keep[0]] or configs[-1:]
         if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
                 and kwargs["HEAD_D"] <= WIDE_MAX_D):
@@ -189,7 +189,7 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["DETERMINISTIC"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV,
     s_qb, s_qh, s_qm, s_qd,
@@ -203,6 +203,7 @@ def _bwd_dkdv_kernel(
     sm_scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
+    DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / reduction chunk (split path)
     BLOCK_DV: tl.constexpr,  # dk/dv columns per program
@@ -305,7 +306,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
              mask=rot_rows[:, None] & e_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["DETERMINISTIC"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ,
     s_qb, s_qh, s_qm, s_qd,
@@ -318,6 +319,7 @@ def _bwd_dq_kernel(
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
+    DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ROT_CHUNK: tl.constexpr,  # R columns per step of the rotation epilogue
@@ -477,9 +479,11 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None):
 
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
-                       ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE"])
+                       ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
+                        "DETERMINISTIC"])
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
-                     ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE"],
+                     ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
+                      "DETERMINISTIC"],
                      _DQ_WIDE)
 
 
@@ -619,6 +623,7 @@ def attention_bwd(
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ids.stride(0), ids.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
+        common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split,
     )
@@ -637,6 +642,7 @@ def attention_bwd(
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
+        common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,

@@ -21,6 +21,15 @@ def tune_length(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+def deterministic() -> int:
+    """1 under torch.use_deterministic_algorithms(True), else 0: the kernels' DETERMINISTIC argument,
+    which the autotuners key on and prune by (one fixed config: timing may pick another tile from run
+    to run, and the tiles set the summation order)."""
+    import torch
+
+    return int(torch.are_deterministic_algorithms_enabled())
+
+
 def new_buffer(shape, device, dtype):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
     tests swap in NaN-filled buffers, so an unwritten element fails them."""

@@ -12,7 +12,6 @@ from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
-_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.is_autocast_enabled raises for others, e.g. "meta"
 _cpu_backend = os.environ.get("ROLLINGQ_CPU_BACKEND", "auto")
 
 
@@ -92,7 +91,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type in _AUTOCAST_DEVICES \
+    # is_autocast_enabled raises for device types without autocast (e.g. "meta")
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.amp.is_autocast_available(q.device.type) \
             and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)

@@ -4,9 +4,11 @@ Every error names the argument and what was expected; nothing is reshaped or tru
 Checks on tensor *values* (ids range, finite rotation) read the data back, a host sync on CUDA.
 Their results are kept per live tensor and version (`checked_values`), so a tensor passed again
 unchanged (a fixed modality layout, the module's rotation buffer) is not read again; an in-place
-write bumps the version and the next call checks anew. Set ROLLINGQ_CHECK_VALUES=0 to skip them
-altogether. They are skipped while torch.compile traces and while a CUDA graph is captured, where
-data cannot be read.
+PyTorch op bumps the version and the next call checks anew. Writes that bypass the version counter
+are not seen: through `.data`, `.numpy()` or the storage, by torch.distributed collectives
+(broadcast, all_reduce) or by foreign kernels. ROLLINGQ_CHECK_VALUES=always checks on every call
+(for buffers refilled that way), =0 skips the checks. They are skipped while torch.compile traces
+and while a CUDA graph is captured, where data cannot be read.
 """
 import os
 import weakref
@@ -40,13 +42,15 @@ def value_checks_enabled(device: torch.device) -> bool:
 
 
 class CheckedValues:
-    """What a value check found, per live tensor and version. Writes that bypass the version
-    counter (through `.data`, or by a foreign kernel) are not seen: such a tensor is not re-read."""
+    """What a value check found, per live tensor and version (see the module doc for the writes
+    a version does not see)."""
 
     def __init__(self) -> None:
         self._found: Dict[Tuple[int, str], tuple] = {}
 
     def get(self, t: torch.Tensor, what: str, compute: Callable[[torch.Tensor], object]):
+        if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "always":
+            return compute(t)
         try:
             version = t._version
         except RuntimeError:  # inference-mode tensors keep no version: check every time
@@ -63,10 +67,18 @@ class CheckedValues:
 
     def ids_range(self, ids: torch.Tensor) -> Tuple[int, int]:
         """(min, max) of a non-empty integer tensor; one host sync for both the first time."""
-        return self.get(ids, "range", lambda t: tuple(torch.stack(torch.aminmax(t)).tolist()))
+        return self.get(ids, "range", lambda t: tuple(torch.stack(torch.aminmax(_aminmax_able(t))).tolist()))
 
     def finite(self, t: torch.Tensor) -> bool:
         return self.get(t, "finite", lambda x: bool(torch.isfinite(x).all()))
+
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _aminmax_able(t: torch.Tensor) -> torch.Tensor:
+    # aminmax has no kernels for uint16/32/64: widen those (their values fit int64 up to 2**63).
+    return t.to(torch.int64) if t.dtype in _WIDE_UNSIGNED else t
 
 
 checked_values = CheckedValues()
@@ -118,6 +130,8 @@ def check_inputs(
     _require(not modality_ids.dtype.is_floating_point and modality_ids.dtype != torch.bool
              and not modality_ids.is_complex(),
              f"modality_ids must be an integer tensor, got {modality_ids.dtype}", TypeError)
+    _require(modality_ids.dtype not in _WIDE_UNSIGNED,  # PyTorch has few ops for these (no >=, no aminmax)
+             f"modality_ids must be int8/16/32/64 or uint8, got {modality_ids.dtype}", TypeError)
     _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")

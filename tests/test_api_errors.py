@@ -32,6 +32,7 @@ def base(**over):
     (dict(modality_ids=torch.tensor([0, 1, 0])), ValueError, "modality_ids must have shape"),
     (dict(modality_ids=torch.zeros(3, 6, dtype=torch.long)), ValueError, "modality_ids must have shape"),
     (dict(modality_ids=torch.zeros(6)), TypeError, "modality_ids must be an integer tensor"),
+    (dict(modality_ids=torch.zeros(6, dtype=torch.uint32)), TypeError, "modality_ids must be int8/16/32/64 or uint8"),
     (dict(num_modalities=0), ValueError, "num_modalities"),
     (dict(num_modalities=17, modality_ids=torch.zeros(6, dtype=torch.long)), ValueError, "num_modalities"),
     (dict(rotation=torch.randn(4, 8, 7), rotate_rows=1), ValueError, "rotation must have shape"),
@@ -102,3 +103,15 @@ def test_value_check_results_die_with_their_tensors():
     for _ in range(20):
         rollingq.rollingq_attention(**base(modality_ids=torch.tensor([0, 0, 1, 1, -1, 1])))
     assert len(checked_values._found) <= before + 1
+
+
+def test_check_values_always_rereads(monkeypatch):
+    """ROLLINGQ_CHECK_VALUES=always: for buffers refilled behind the version counter's back (e.g. by
+    torch.distributed or through .numpy()), a write the counter does not see is still caught."""
+    ids = torch.tensor([0, 0, 1, 1, -1, 1])
+    rollingq.rollingq_attention(**base(modality_ids=ids))
+    ids.numpy()[2] = 5  # not a PyTorch op: the version stays
+    rollingq.rollingq_attention(**base(modality_ids=ids))  # the default trusts the version
+    monkeypatch.setenv("ROLLINGQ_CHECK_VALUES", "always")
+    with pytest.raises(ValueError, match="got range -1..5"):
+        rollingq.rollingq_attention(**base(modality_ids=ids))

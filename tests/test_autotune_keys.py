@@ -70,28 +70,32 @@ def test_forward_key_holds_the_descriptor_choice(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 768])
 def test_deterministic_mode_fixes_one_config(head_dim):
     """Among the configs a GPU would time (the full tables, planned for sm_90), the pruners keep
-    several; under torch.use_deterministic_algorithms(True) exactly one, the class list's first."""
+    several; launched under torch.use_deterministic_algorithms(True) exactly one, the class list's
+    first. The mode is part of the autotune key, so a choice timed before it was set is not reused."""
     from rollingq.kernels import attention_bwd, attention_fwd
     from rollingq.kernels.common import planning_for
 
     every = {"_rollingq_fwd_kernel": attention_fwd._table_configs(),
              "_bwd_dkdv_kernel": attention_bwd.table_configs(attention_bwd._DKDV_TABLE),
              "_bwd_dq_kernel": attention_bwd.table_configs(attention_bwd._DQ_TABLE, attention_bwd._DQ_WIDE)}
+
+    def pruned():
+        return {at.base_fn.__name__: at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
+                for at, named, kwargs in autotuned_launches(907, 907, head_dim=head_dim)}
+
+    was = torch.are_deterministic_algorithms_enabled()
     with planning_for(90):
-        launches = autotuned_launches(907, 907, head_dim=head_dim)
-        free = {at.base_fn.__name__: at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
-                for at, named, kwargs in launches}
-        was = torch.are_deterministic_algorithms_enabled()
+        free, free_keys = pruned(), autotune_keys(907, 907, head_dim=head_dim)
         torch.use_deterministic_algorithms(True)
         try:
-            fixed = {at.base_fn.__name__: at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
-                     for at, named, kwargs in launches}
+            fixed, fixed_keys = pruned(), autotune_keys(907, 907, head_dim=head_dim)
         finally:
             torch.use_deterministic_algorithms(was)
     assert all(len(c) > 1 for c in free.values()), {k: len(c) for k, c in free.items()}
     for name, chosen in fixed.items():
         assert len(chosen) == 1 and chosen[0] in free[name], name
         assert not chosen[0].kwargs.get("WIDE"), name
+        assert free_keys[name] != fixed_keys[name], name
     fwd_class = ("16bit", 64) if head_dim == 64 else ("16bit", "split")
     row = attention_fwd.FWD_CONFIGS_BY_ARCH[90][fwd_class][0]
     c = fixed["_rollingq_fwd_kernel"][0]

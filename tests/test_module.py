@@ -347,3 +347,15 @@ def test_steady_state_forward_reads_no_values_back(low_rank, monkeypatch):
     ids[0] = 2  # out of range, written in place: caught on the next call
     with pytest.raises(ValueError, match="modality_ids must hold values in 0..1"):
         m(torch.randn(2, 7, 32, generator=gen), ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+def test_integer_id_dtypes(dtype):
+    """Any integer ids the module can widen to int64 work, and their range is still checked."""
+    m = RollingQAttention(32, 2, 2)
+    x = torch.randn(2, 7, 32)
+    out, _ = m(x, torch.tensor([0, 1, 1, 0, 1, 0], dtype=dtype))
+    ref, _ = m(x, torch.tensor([0, 1, 1, 0, 1, 0]))
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="modality_ids must hold values in 0..1"):
+        m(x, torch.tensor([0, 1, 5, 0, 1, 0], dtype=dtype))
