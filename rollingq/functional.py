@@ -91,8 +91,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
-    # is_autocast_enabled raises for device types without autocast (e.g. "meta")
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.amp.is_autocast_available(q.device.type) \
+    # is_autocast_enabled raises for "meta" (torch.amp.is_autocast_available would say so, but
+    # Dynamo in torch 2.11 cannot trace it)
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type != "meta" \
             and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)
