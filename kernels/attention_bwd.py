@@ -25,8 +25,9 @@ takes the split path: the full-D reductions q'.k and do.v loop over SPLIT_D_CHUN
 reloaded every step, and each program owns a SPLIT_DKDV_CHUNK / SPLIT_DQ_CHUNK-wide slice of its
 outputs (a grid dimension over D chunks). When one dq slice covers the whole head the rotation
 epilogue stays in the kernel; otherwise (the paper's D = 768) no program holds a full dq' row, so
-dq = dq' @ R[h] on the rotated rows runs afterwards (kernels/rotate.py): a batched matmul in q's
-dtype for a dense R, in place by the low-rank kernel for a factored one.
+dq = dq' @ R[h] on the rotated rows runs afterwards (kernels/rotate.py): for a dense R a batched
+matmul in q's dtype when every row is rotated, else a kernel over the blocks holding a rotated row;
+in place by the low-rank kernel for a factored one.
 The split path recomputes the full-D scores once per output slice: at D = 768 with 256-wide slices
 dK/dV does (768/256) x (2 + 2/3) = 8 units of M*N*D work where a resident kernel would do 4, and dQ
 (768/256) x (2 + 1/3) = 7 instead of 3. On Hopper (16-bit) dQ's autotuner also tries a wide split

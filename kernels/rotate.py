@@ -147,7 +147,7 @@ def _rotate_dense_rows(x: torch.Tensor, rotation: torch.Tensor, rot_mask: torch.
                        transpose: bool) -> torch.Tensor:
     B, H, L, D = x.shape
     y = common.new_buffer((B, H, L, D), x.device, x.dtype)
-    mask = rot_mask.view(torch.uint8) if rot_mask.dtype == torch.bool else rot_mask
+    mask = rot_mask.view(torch.uint8)
     s_rh, s_ro, s_ri = rotation.stride()
     if transpose:  # x @ R: y[., o] = sum_i x[., i] * R[i, o]
         s_ro, s_ri = s_ri, s_ro

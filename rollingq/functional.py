@@ -139,7 +139,7 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
     if isinstance(rotation, LowRankRotation):
         if rotation.rank == 0:
             return ids, None, None
-        rot = torch.stack([rotation.left.detach(), rotation.right.detach()], 1).float().contiguous()
+        rot = torch.stack([rotation.left.detach(), rotation.right.detach()], 1).float()
     else:
         rot = rotation.detach().float()
     if isinstance(rotate_rows, int) and rotate_rows == Lq:

@@ -7,17 +7,9 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import MAX_MODALITIES, capturing_cuda_graph, checked_values, value_checks_enabled
+from .validation import MAX_MODALITIES, capturing_cuda_graph, checked_values, tensor_version, value_checks_enabled
 
 __all__ = ["RollingQAttention"]
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    """The tensor's in-place write counter; None for inference-mode tensors, which keep none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def _recomputing() -> bool:
@@ -123,7 +115,7 @@ class RollingQAttention(nn.Module):
         if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta:
             return R
         cache = self._kernel_rotation
-        version = _version(R)
+        version = tensor_version(R)
         if cache is not None and cache[0] is R and version is not None and cache[1] == version:
             return cache[3]
         with torch.no_grad():

@@ -41,6 +41,14 @@ def value_checks_enabled(device: torch.device) -> bool:
     return not capturing_cuda_graph(device)
 
 
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place write counter; None for inference-mode tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class CheckedValues:
     """What a value check found, per live tensor and version (see the module doc for the writes
     a version does not see)."""
@@ -51,9 +59,8 @@ class CheckedValues:
     def get(self, t: torch.Tensor, what: str, compute: Callable[[torch.Tensor], object]):
         if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "always":
             return compute(t)
-        try:
-            version = t._version
-        except RuntimeError:  # inference-mode tensors keep no version: check every time
+        version = tensor_version(t)
+        if version is None:  # an inference-mode tensor: check every time
             return compute(t)
         key = (id(t), what)
         hit = self._found.get(key)
