@@ -43,6 +43,8 @@ import triton.language as tl
 
 from . import common
 from .common import interpreting, next_pow2, target_arch
+from .dropout import kept
+from .dropout import launch_args as dropout_launch_args
 from .grid import launch_grid, program_ids
 from .rotate import dense_rotation, is_low_rank
 from .rotate import rotate as rotate_rows
@@ -192,7 +194,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["DETERMINISTIC"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, IDS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -203,6 +205,7 @@ def _bwd_dkdv_kernel(
     H, Lq, Lk, GROUP,
     sm_scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
+    drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr,  # true head dim
@@ -211,6 +214,7 @@ def _bwd_dkdv_kernel(
     NUM_DC: tl.constexpr,  # reduction chunks per score (1 on the single path)
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     TMA: tl.constexpr,  # Q/dO tiles through tensor descriptors (single path only; kernels/tma.py)
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -243,6 +247,8 @@ def _bwd_dkdv_kernel(
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     # A key block that is all padding gets zero gradients without walking the queries.
     hi = tl.where(tl.max(key_ok.to(tl.int32), 0) > 0, Lq, lo)
+    if DROPOUT:
+        seed = tl.load(SEED)
 
     for g in range(GROUP):
         h = hkv * GROUP + g
@@ -282,11 +288,20 @@ def _bwd_dkdv_kernel(
             if CAUSAL:
                 vis = vis & (offs_m[None, :] >= offs_n[:, None])
             pt = tl.where(vis, tl.exp2(st * qk_scale - lse[None, :] * 1.4426950408889634), 0.0)
-            dv = tl.dot(pt.to(dt), do_o, dv, input_precision=prec)
-            dst = pt * (dpt - delta[None, :])
+            if DROPOUT:
+                # out used z * p / (1 - p_drop), z the keep mask: dv takes the kept p (rescaled at
+                # the end) and ds = p * (z * dp / (1 - p_drop) - delta); delta = do . out is unchanged.
+                keep = kept(seed, (b * H + h).to(tl.uint32), offs_m[None, :], offs_n[:, None], drop_thresh)
+                dv = tl.dot(tl.where(keep, pt, 0.0).to(dt), do_o, dv, input_precision=prec)
+                dst = pt * (tl.where(keep, dpt * drop_scale, 0.0) - delta[None, :])
+            else:
+                dv = tl.dot(pt.to(dt), do_o, dv, input_precision=prec)
+                dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(dt), q_o, dk, input_precision=prec)
 
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * drop_scale
     o_msk = n_ok[:, None] & dv_ok[None, :]
     tl.store(DK + b * s_dkb + hkv * s_dkh + offs_n[:, None] * s_dkn + offs_dv[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=o_msk)
@@ -309,7 +324,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
 
 @triton.jit(do_not_specialize=["DETERMINISTIC"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ,
+    Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -319,6 +334,7 @@ def _bwd_dq_kernel(
     s_rmb, s_rmm,
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
+    drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
@@ -327,6 +343,7 @@ def _bwd_dq_kernel(
     EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated store
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (single path only; kernels/tma.py)
     WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
@@ -358,6 +375,9 @@ def _bwd_dq_kernel(
     row_base = (b * H + h) * Lq
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        bh = (b * H + h).to(tl.uint32)
 
     if not SPLIT:
         d_ok = offs_d < HEAD_D
@@ -404,7 +424,11 @@ def _bwd_dq_kernel(
         if CAUSAL:
             vis = vis & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
+        if DROPOUT:
+            ds = p * (tl.where(kept(seed, bh, offs_m[:, None], offs_n[None, :], drop_thresh), dp * drop_scale, 0.0)
+                      - delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         if WIDE_ON:
             ds_dt = ds.to(dt)
             dq = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col, offs_w, HEAD_D), dq,
@@ -481,10 +505,10 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None):
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "DETERMINISTIC"])
+                        "DETERMINISTIC", "DROPOUT"])
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "DETERMINISTIC"],
+                      "DETERMINISTIC", "DROPOUT"],
                      _DQ_WIDE)
 
 
@@ -569,6 +593,8 @@ def attention_bwd(
     scale: float,
     rotation: Optional[torch.Tensor],
     rot_mask: Optional[torch.Tensor],
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused forward in q, k, v.
 
@@ -585,6 +611,8 @@ def attention_bwd(
         rotation: float [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or
             None; rot_mask: bool/uint8 [B, Lq] (stride(0) == 0 allowed)
             selects the rotated rows, None: every row (when a rotation is given).
+        dropout_p, seed: the forward's dropout probability in [0, 1) and its int64 [1] seed on the
+            tensors' device (kernels/dropout.py); the masks are redrawn from it.
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
@@ -600,6 +628,8 @@ def attention_bwd(
     rotate = rotation is not None
     ieee = q_rot.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
+    dropout = dropout_p > 0
+    drop_args = dropout_launch_args(dropout_p, seed, dev)
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
@@ -620,13 +650,13 @@ def attention_bwd(
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
-        q_rot, k, v, do, lse, delta, ids, dk, dv,
+        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ids.stride(0), ids.stride(1),
-        H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
+        H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split,
+        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout,
     )
 
     dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
@@ -639,13 +669,13 @@ def attention_bwd(
     n_wide = wide_plan(D, WIDE_CHUNK)[2]
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
-        q_rot, k, v, do, lse, delta, ids, rot, rm, dq,
+        q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
-        H, Lq, Lk, group, float(scale), qk_scale, common.tune_length(Lq), common.tune_length(Lk),
+        H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:

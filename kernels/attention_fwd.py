@@ -24,6 +24,8 @@ import triton.language as tl
 
 from . import common
 from .common import interpreting, next_pow2, target_arch
+from .dropout import kept
+from .dropout import launch_args as dropout_launch_args
 from .grid import launch_grid, program_ids
 from .rotate import dense_rotation
 from .rotate import rotate as rotate_rows
@@ -142,12 +144,12 @@ def _qk(s, qc, desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D
     configs=_configs(),
     # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it.
     key=["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA",
-         "DETERMINISTIC"],
+         "DETERMINISTIC", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["DETERMINISTIC"])
 def _rollingq_fwd_kernel(
-    Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM,
+    Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -156,6 +158,7 @@ def _rollingq_fwd_kernel(
     s_ib, s_in,
     H, Lq, Lk, M, GROUP, NUM_WORKERS,
     qk_scale,  # softmax scale * log2(e): the loop works in base 2
+    drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr,  # true head dim
@@ -164,6 +167,7 @@ def _rollingq_fwd_kernel(
     NUM_DC: tl.constexpr,  # number of D chunks in the score loop (1 on the single path)
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
+    DROPOUT: tl.constexpr,  # drop attention probabilities (the statistics still see them all)
     EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated Q tile
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
@@ -197,6 +201,9 @@ def _rollingq_fwd_kernel(
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
+    if DROPOUT:
+        seed = tl.load(SEED)
+        bh = (b * H + h).to(tl.uint32)
 
     q = q_base  # placeholder: the split path reloads Q chunks in the loop
     if not SPLIT:
@@ -312,15 +319,18 @@ def _rollingq_fwd_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        p_dt = p.to(dt)
+        pv_dt = p_dt  # the probabilities that weight v: dropout zeroes some (rescaled at the end)
+        if DROPOUT:
+            pv_dt = tl.where(kept(seed, bh, offs_m[:, None], offs_n[None, :], drop_thresh), p, 0.0).to(dt)
         if WIDE_ON:
-            p_dt = p.to(dt)
-            acc = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col, offs_w, HEAD_D, DESC),
+            acc = tl.dot(pv_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col, offs_w, HEAD_D, DESC),
                          acc * alpha[:, None], input_precision=prec)
             if NACC > 1:
-                a1 = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + WC, offs_w, HEAD_D,
+                a1 = tl.dot(pv_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + WC, offs_w, HEAD_D,
                                       DESC), a1 * alpha[:, None], input_precision=prec)
             if NACC > 2:
-                a2 = tl.dot(p_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + 2 * WC, offs_w,
+                a2 = tl.dot(pv_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col + 2 * WC, offs_w,
                                       HEAD_D, DESC), a2 * alpha[:, None], input_precision=prec)
         else:
             if DESC:
@@ -328,8 +338,7 @@ def _rollingq_fwd_kernel(
             else:
                 v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
                             mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-            p_dt = p.to(dt)
-            acc = tl.dot(p_dt, v, acc * alpha[:, None], input_precision=prec)
+            acc = tl.dot(pv_dt, v, acc * alpha[:, None], input_precision=prec)
         if STATS:
             if MASS_F16:
                 # bf16 inputs: p rounded to bf16 (8 bits) misses the mass bound; fp16 (11 bits,
@@ -344,16 +353,19 @@ def _rollingq_fwd_kernel(
 
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    inv_lv = inv_l  # the output's normaliser: with dropout also 1 / (1 - p); the mass's stays 1 / l
+    if DROPOUT:
+        inv_lv = inv_l * drop_scale
     o_base = O + b * s_ob + h.to(tl.int64) * s_oh
     if WIDE_ON:
-        store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col, offs_w, HEAD_D, acc * inv_l[:, None])
+        store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col, offs_w, HEAD_D, acc * inv_lv[:, None])
         if NACC > 1:
-            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + WC, offs_w, HEAD_D, a1 * inv_l[:, None])
+            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + WC, offs_w, HEAD_D, a1 * inv_lv[:, None])
         if NACC > 2:
-            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + 2 * WC, offs_w, HEAD_D, a2 * inv_l[:, None])
+            store_chunk(o_base, offs_m, m_ok, s_om, s_od, a_col + 2 * WC, offs_w, HEAD_D, a2 * inv_lv[:, None])
     else:
         tl.store(o_base + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
-                 (acc * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+                 (acc * inv_lv[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     if pid_d == 0:
         # Natural-log LSE of the scaled scores; +inf marks a row with no live key (p = 0 in backward).
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -395,13 +407,15 @@ def _d_plan(d: int, split: bool, ieee: bool, arch: int):
     return SPLIT_D_CHUNK, dv, triton.cdiv(d, SPLIT_D_CHUNK)
 
 
-def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot):
+def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot,
+                 dropout_p=0.0, seed=None):
     """Launch the fused forward.
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
     rotation float32 [H, D, D], packed [H, 2, D, r] (I + left @ right^T, see rotate.py) or None;
     rot_mask uint8 [B, Lq] (stride 0 allowed) selects the rotated rows, None: every row (when a
-    rotation is given).
+    rotation is given). dropout_p in [0, 1) with seed int64 [1] on q's device (kernels/dropout.py):
+    the dropped probabilities do not weight v; lse and the statistics are those without dropout.
     Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
@@ -417,6 +431,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         # core) dot spills registers when it rotates in-kernel: both rotate once up front.
         q = rotate_rows(q, rotation, rot_mask)
         rotate = False
+    drop_args = dropout_launch_args(dropout_p, seed, dev)
     q_rot_out = None
     if save_qrot:
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
@@ -447,12 +462,13 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
+        seed if dropout_p > 0 else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
         H, Lq, Lk, num_modalities, group, workers,
-        scale * 1.4426950408889634, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
+        scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
-        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate),
+        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
         EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
         MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
     )

@@ -52,6 +52,7 @@ def rollingq_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     stats: bool = True,
+    dropout_p: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Multimodal attention with RollingQ query rotation and per-modality statistics.
 
@@ -70,6 +71,10 @@ def rollingq_attention(
         causal: query i sees keys 0..i; requires Lq == Lk.
         scale: softmax scale, default 1/sqrt(D).
         stats: False skips the statistics (plain fused attention) and returns None for them.
+        dropout_p: attention dropout, in [0, 1): each attention probability is zeroed with this
+            probability and the kept ones are scaled by 1 / (1 - dropout_p) (as in SDPA; pass 0
+            in evaluation). The statistics are those of the attention without dropout. The masks
+            come from a seed drawn from PyTorch's generator on q's device (`dropout_seed`).
 
     B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
     (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give
@@ -81,13 +86,21 @@ def rollingq_attention(
             key_count [B, M] int64)`, or None when stats=False. A row with no live key gets a zero
             output row and a zero mass row.
     """
-    return attention(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
+    return attention(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats,
+                     dropout_p=dropout_p)
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """The seed of one call's dropout masks, int64 [1] on `device`, drawn from PyTorch's generator
+    there: no host sync, repeated by torch.manual_seed, redrawn at each CUDA graph replay.
+    `rollingq.kernels.dropout.keep_mask(seed, ...)` rebuilds the masks from it."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: torch.Tensor, num_modalities: int,
               rotation: Rotation = None, rotate_rows: RotateRows = None, causal: bool = False,
               scale: Optional[float] = None, stats: bool = True,
-              ids_in_range: bool = False) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+              ids_in_range: bool = False, dropout_p: float = 0.0) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
@@ -99,14 +112,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
         dtype = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
             return attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
-                             rotation, rotate_rows, causal, scale, stats, ids_in_range)
+                             rotation, rotate_rows, causal, scale, stats, ids_in_range, dropout_p)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
-                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range)
+                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p)
+    dropout_p = float(dropout_p)
     if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.
         return rollingq_attention_reference(
-            q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats)
+            q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats, dropout_p)
 
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot (garbage, not an error).
@@ -118,7 +132,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, _, _, mass, key_sum = attention_fwd_op(
         q, k, v, ids, num_modalities, rot, rot_mask, causal, float(D ** -0.5 if scale is None else scale),
-        stats, needs_grad and rot is not None)
+        stats, needs_grad and rot is not None, dropout_p, dropout_seed(q.device) if dropout_p > 0 else None)
     if not stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))

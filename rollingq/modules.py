@@ -31,6 +31,8 @@ class RollingQAttention(nn.Module):
         rotate: "fusion" rotates the queries of the fusion tokens only (the paper), "all" every query.
         kv_heads: key/value heads (GQA), must divide num_heads; default num_heads.
         bias: bias in the four projections.
+        dropout: attention dropout probability in [0, 1), applied in training mode only (as
+            nn.MultiheadAttention's `dropout`); the statistics are those without dropout.
 
     The rotation buffer `rotation` [H, D, D] float32 starts as the identity, is saved in the
     state_dict, is not trained (gradients flow through it into q_proj), and keeps float32 when the
@@ -48,7 +50,7 @@ class RollingQAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_modalities: int, num_fusion_tokens: int = 1,
                  rotate: str = "fusion", kv_heads: Optional[int] = None, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 dropout: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
 
         def positive_int(name, val, lo=1):
@@ -70,6 +72,8 @@ class RollingQAttention(nn.Module):
                              f"(the fusion tokens take one more class), got {num_modalities!r}")
         if rotate not in ("fusion", "all"):
             raise ValueError(f"rotate must be 'fusion' or 'all', got {rotate!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -78,6 +82,7 @@ class RollingQAttention(nn.Module):
         self.num_modalities = num_modalities
         self.num_fusion_tokens = num_fusion_tokens
         self.rotate = rotate
+        self.dropout = float(dropout)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias, **factory)
@@ -131,7 +136,7 @@ class RollingQAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_heads={self.kv_heads}, "
                 f"num_modalities={self.num_modalities}, num_fusion_tokens={self.num_fusion_tokens}, "
-                f"rotate={self.rotate!r}")
+                f"rotate={self.rotate!r}" + (f", dropout={self.dropout}" if self.dropout else ""))
 
     def _modality_ids(self, modality_ids, key_padding_mask, B: int, L: int, device) -> torch.Tensor:
         """-> [L] or [B, L] int64 ids over all tokens: fusion tokens = M, padding = -1."""
@@ -201,7 +206,8 @@ class RollingQAttention(nn.Module):
         want_stats = bool(need_stats) or report
         out, stats = functional.attention(
             q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),
-            rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats, ids_in_range=True)
+            rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats, ids_in_range=True,
+            dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
         if report:
             # float32 even under autocast: the controller averages these over a whole epoch.

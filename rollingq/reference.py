@@ -46,13 +46,18 @@ def rollingq_attention_reference(
     causal: bool = False,
     scale: Optional[float] = None,
     stats: bool = True,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Same signature and semantics as `rollingq.rollingq_attention`, in plain PyTorch.
 
     Scores and the two matmuls run in the inputs' dtype, the softmax in float32 (float64 for
     float64 inputs). Statistics are float32, or float64 for float64 inputs.
+
+    `dropout_mask`: bool [B, H, Lq, Lk], True = kept, the mask to apply when dropout_p > 0 (the
+    kernels' own: `rollingq.kernels.dropout.keep_mask`); None draws one with torch.rand.
     """
-    check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale)
+    check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -77,7 +82,17 @@ def rollingq_attention_reference(
     denom = weights.sum(-1, keepdim=True)
     # A row with no live key has denom 0: its weights stay 0, so its output and mass are 0.
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = probs.to(v.dtype) @ vh
+    dropped = probs
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(probs.shape, device=q.device) >= dropout_p
+        elif not (isinstance(dropout_mask, torch.Tensor) and dropout_mask.dtype == torch.bool
+                  and tuple(dropout_mask.shape) == tuple(probs.shape)):
+            raise ValueError(f"dropout_mask must be a bool tensor [B, H, Lq, Lk] = {list(probs.shape)}, got "
+                             f"{getattr(dropout_mask, 'dtype', type(dropout_mask).__name__)} "
+                             f"{tuple(getattr(dropout_mask, 'shape', ()))}")
+        dropped = probs * dropout_mask.to(device=q.device) / (1 - dropout_p)
+    out = dropped.to(v.dtype) @ vh
 
     if not stats:
         return out, None

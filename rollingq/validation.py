@@ -108,6 +108,7 @@ def check_inputs(
     scale: Optional[float],
     allowed_dtypes=SUPPORTED_DTYPES + (torch.float64,),
     ids_in_range: bool = False,
+    dropout_p: float = 0.0,
 ) -> None:
     """Raises on any bad argument. `ids_in_range`: the caller has checked the ids' values already
     (RollingQAttention, which builds them from checked ones)."""
@@ -174,6 +175,8 @@ def check_inputs(
     if scale is not None:
         _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and float(scale) == float(scale)
                  and abs(float(scale)) != float("inf"), f"scale must be a finite number or None, got {scale!r}")
+    _require(isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0 <= dropout_p < 1,
+             f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
 def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_values: bool) -> None:

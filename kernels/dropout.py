@@ -1,0 +1,66 @@
+"""Attention dropout: which attention probabilities the kernels keep.
+
+Every element (b, h, i, j) of the attention matrix gets its own Philox draw, with counters
+(j, i, b * H + h) under a 64-bit seed read from device memory. The forward and both backward
+kernels walk the matrix in different orders and tiles; counters make them draw the same mask
+without storing it. The seed is drawn from PyTorch's generator on the tensors' device
+(`rollingq.functional.dropout_seed`), so `torch.manual_seed` repeats a run, activation checkpointing (which restores the
+generator) reruns the same mask, and a captured CUDA graph draws a new seed at each replay.
+
+A probability p is kept when the draw's top 24 bits, as an integer, are >= round(p_drop * 2**24):
+an integer compare, no float conversion; the kept fraction is 1 - p_drop within 2**-25. Kept
+probabilities are scaled by 1 / (1 - p_drop), as torch.nn.functional.dropout does.
+"""
+import torch
+import triton
+import triton.language as tl
+
+KEEP_BITS = 24
+
+
+def threshold(dropout_p: float) -> int:
+    """The kernels' integer threshold for a drop probability in [0, 1)."""
+    return int(round(dropout_p * (1 << KEEP_BITS)))
+
+
+def launch_args(dropout_p: float, seed, device) -> tuple:
+    """(threshold, 1 / (1 - dropout_p)): the kernels' dropout arguments, after checking that a
+    dropout has its seed, an int64 [1] tensor on the tensors' device."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1
+                              and seed.device == torch.device(device)):
+        raise ValueError(f"seed must be an int64 tensor of one element on {device} when dropout_p > 0, got "
+                         f"{getattr(seed, 'dtype', type(seed).__name__)} {tuple(getattr(seed, 'shape', ()))} on "
+                         f"{getattr(seed, 'device', '-')}")
+    return threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+@triton.jit
+def kept(seed, bh, rows, cols, thresh):
+    """Bool tile: which elements (rows[i], cols[j]) of the attention matrix of (batch, head) `bh`
+    (b * H + h, as uint32) are kept. `rows` and `cols` broadcast against each other."""
+    r = rows + cols * 0
+    c = cols + rows * 0
+    draw, _, _, _ = tl.philox(seed, c, r, bh + c.to(tl.uint32) * 0, c * 0)
+    return (draw >> 8).to(tl.int32) >= thresh  # the top KEEP_BITS = 24 bits
+
+
+@triton.jit
+def _keep_mask_kernel(SEED, OUT, H, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = kept(tl.load(SEED), bh.to(tl.uint32), offs_m[:, None], offs_n[None, :], thresh)
+    tl.store(OUT + (bh * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+def keep_mask(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
+    """The mask the kernels apply for `seed` (int64 [1]): bool [B, H, Lq, Lk], True = kept. For
+    tests and debugging (the reference takes it as `dropout_mask`); the kernels never store it."""
+    out = torch.empty((B, H, Lq, Lk), device=seed.device, dtype=torch.int8)
+    if out.numel():
+        grid = (B * H, triton.cdiv(Lq, 32), triton.cdiv(Lk, 32))
+        _keep_mask_kernel[grid](seed, out, H, Lq, Lk, threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return out.view(torch.bool)

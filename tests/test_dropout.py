@@ -1,0 +1,212 @@
+"""Attention dropout (kernels/dropout.py): the kernels' forward and gradients against the float64
+reference given the same keep mask, on every path (single program with and without descriptors,
+D split, wide split); the mask's own properties; the argument checks; the module and autograd
+features that depend on the random stream (checkpointing, torch.compile)."""
+import pytest
+import torch
+
+import rollingq
+from rollingq.functional import dropout_seed, uses_kernel
+from rollingq.kernels import attention_bwd as bwd
+from rollingq.kernels import attention_fwd, common
+from rollingq.kernels.dropout import KEEP_BITS, keep_mask, threshold
+from rollingq.reference import rollingq_attention_reference
+from tests.numerics import assert_close_by_rule, stats_tol
+
+pytestmark = pytest.mark.kernel
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M = 3
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
+    monkeypatch.setattr(common, "new_buffer",
+                        lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
+def problem(dtype, B, H, Hkv, L, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    ids = torch.randint(-1, M, (B, L), generator=gen).to(DEVICE)
+    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    grad = torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype)
+    return q, k, v, ids, rot, grad
+
+
+def check(dtype, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, p=0.3, seed=0):
+    """Forward, statistics and gradients with dropout against the reference with the kernel's mask."""
+    q, k, v, ids, rot, grad = problem(dtype, B, H, Hkv, L, D, seed)
+    assert uses_kernel(q.device), "these tests must run the Triton kernels"
+    torch.manual_seed(seed)
+    out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=rows, causal=causal,
+                                          dropout_p=p)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    torch.manual_seed(seed)  # the same draw as the call's: the kernels' mask, rebuilt
+    mask = keep_mask(dropout_seed(q.device), B, H, L, L, p)
+    assert 0 < mask.float().mean().item() < 1
+
+    def ref(dt, r):
+        qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        o, s = rollingq_attention_reference(qq, kk, vv, ids, M, r, rows, causal, dropout_p=p, dropout_mask=mask)
+        return (o,) + torch.autograd.grad(o, (qq, kk, vv), grad.to(dt)), s
+
+    r64, s64 = ref(torch.float64, rot.double())
+    rlp, _ = ref(dtype, rot)
+    for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), r64, rlp):
+        assert_close_by_rule(name, got, a, b)
+    # The statistics are those of the attention without dropout.
+    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
+    return out, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_single_program_path(dtype, causal, tma, monkeypatch):
+    """GQA, padding, rotated rows; every kernel holds whole rows."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
+    monkeypatch.setattr(bwd, "USE_TMA", tma)
+    check(dtype, causal=causal, D=40 if causal else 16, seed=1 + causal + 2 * tma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_d_split_path(dtype, monkeypatch):
+    """Heads wider than one program: every D chunk of the output draws the same mask."""
+    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "SPLIT_D_CHUNK", 16),
+                             (attention_fwd, "SPLIT_DV_CHUNK", 32), (attention_fwd, "SPLIT_DV_CHUNK_NARROW", 16),
+                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
+                             (bwd, "NARROW_MAX_RESIDENT_D", 32), (bwd, "SPLIT_D_CHUNK", 16),
+                             (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DKDV_CHUNK_NARROW", 32),
+                             (bwd, "SPLIT_DQ_CHUNK", 16), (bwd, "SPLIT_DQ_CHUNK_IEEE", 16)):
+        monkeypatch.setattr(mod, name, value)
+    check(dtype, D=72, causal=True, rows=9, seed=11)
+
+
+def test_wide_split_path(monkeypatch):
+    """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
+    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "WIDE_CHUNK", 16),
+                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
+                             (bwd, "SPLIT_D_CHUNK", 16), (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DQ_CHUNK", 16),
+                             (bwd, "WIDE_CHUNK", 16)):
+        monkeypatch.setattr(mod, name, value)
+    fwd_kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(fwd_kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
+    monkeypatch.setattr(fwd_kernel, "cache", {})
+    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ], WIDE=1))
+    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    # dQ's wide split runs without the in-kernel rotation epilogue: rows rotated, dq rotated after.
+    check(torch.float16, D=72, causal=False, rows=9, seed=12)
+
+
+def test_no_rotation_and_large_p():
+    """p = 0.9 (few kept probabilities, scale 10) and no rotation at all."""
+    check(torch.float32, D=24, rows=None, p=0.9, seed=13)
+
+
+def test_mask_statistics():
+    """The kept fraction is 1 - p; masks of different heads, batches and seeds are independent;
+    the same seed gives the same mask (the backward's redraw)."""
+    B, H, L = 2, 3, 64
+    seed = torch.tensor([123456789123], dtype=torch.int64, device=DEVICE)
+    mask = keep_mask(seed, B, H, L, L, 0.25)
+    assert abs(mask.float().mean().item() - 0.75) < 0.02  # 24576 draws: 5 standard deviations is 0.014
+    assert torch.equal(mask, keep_mask(seed, B, H, L, L, 0.25))
+    agree = 0.75 ** 2 + 0.25 ** 2  # two independent masks agree this often
+    for other in (mask[0, 1], mask[1, 0], keep_mask(seed + 1, B, H, L, L, 0.25)[0, 0], mask[0, 0].T):
+        assert abs((mask[0, 0] == other).float().mean().item() - agree) < 0.05
+    assert threshold(0.25) == 1 << (KEEP_BITS - 2)
+    assert not keep_mask(seed, 1, 1, 8, 8, 1 - 2 ** -24).any() and keep_mask(seed, 1, 1, 8, 8, 0.0).all()
+
+
+def test_dropout_changes_the_output_and_zero_changes_nothing():
+    q, k, v, ids, rot, _ = problem(torch.float32, 1, 2, 2, 21, 16, 14)
+    plain, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3)
+    zero, st0 = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, dropout_p=0.0)
+    assert torch.equal(plain, zero) and torch.equal(st.attn_mass, st0.attn_mass)
+    torch.manual_seed(0)
+    a, sa = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, dropout_p=0.5)
+    b, _ = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, dropout_p=0.5)
+    torch.manual_seed(0)
+    a2, _ = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, dropout_p=0.5)
+    assert not torch.equal(a, plain) and not torch.equal(a, b)  # a new mask per call
+    assert torch.equal(a, a2)  # repeated under torch.manual_seed
+    assert torch.equal(sa.attn_mass, st.attn_mass)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), True, "0.1", None])
+def test_bad_dropout_p(p):
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 1, 1, 8, 16, 15)
+    with pytest.raises(ValueError, match="dropout_p"):
+        rollingq.rollingq_attention(q, k, v, ids, M, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        rollingq_attention_reference(q, k, v, ids, M, dropout_p=p)
+
+
+def test_reference_mask_checked_and_launchers_need_a_seed():
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 1, 8, 16, 16)
+    with pytest.raises(ValueError, match="dropout_mask"):
+        rollingq_attention_reference(q, k, v, ids, M, dropout_p=0.1, dropout_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="seed"):
+        attention_fwd.rollingq_fwd(q.detach(), k.detach(), v.detach(), ids.to(torch.int32), M, None, None, False,
+                                   0.25, False, False, 0.1, None)
+
+
+def test_checkpointing_redraws_the_same_masks():
+    """torch.utils.checkpoint restores the generator before its rerun, so the recomputed forward
+    drops what the first one dropped: the gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, ids, rot, grad = problem(torch.float32, 1, 2, 1, 19, 16, 17)
+
+    def f(q, k, v):
+        return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, dropout_p=0.4,
+                                           stats=False)[0]
+
+    torch.manual_seed(3)
+    plain = torch.autograd.grad(f(q, k, v), (q, k, v), grad)
+    torch.manual_seed(3)
+    ckpt = torch.autograd.grad(checkpoint(f, q, k, v, use_reentrant=False), (q, k, v), grad)
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_module_drops_in_training_only():
+    torch.manual_seed(0)
+    layer = rollingq.RollingQAttention(32, 2, 2, dropout=0.5).to(DEVICE)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    ids = torch.randint(0, 2, (10,), device=DEVICE)
+    train_a, _ = layer(x, ids)
+    train_b, _ = layer(x, ids)
+    layer.eval()
+    eval_a, _ = layer(x, ids)
+    eval_b, _ = layer(x, ids)
+    assert not torch.equal(train_a, train_b) and torch.equal(eval_a, eval_b)
+    assert "dropout=0.5" in repr(layer)
+    with pytest.raises(ValueError, match="dropout"):
+        rollingq.RollingQAttention(32, 2, 2, dropout=1.0)
+
+
+def test_reference_backend_drops_too():
+    """The CPU reference path (no interpreter) applies dropout with torch's generator."""
+    from rollingq.functional import set_cpu_backend
+
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 2, 16, 16, 18)
+    previous = set_cpu_backend("reference")
+    try:
+        plain, _ = rollingq.rollingq_attention(q.cpu(), k.cpu(), v.cpu(), ids.cpu(), M)
+        dropped, _ = rollingq.rollingq_attention(q.cpu(), k.cpu(), v.cpu(), ids.cpu(), M, dropout_p=0.5)
+    finally:
+        set_cpu_backend(previous)
+    assert not torch.equal(plain, dropped)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, ids, rot, grad = problem(torch.float32, 1, 2, 2, 16, 16, 19)
+
+    def f(q, k, v):
+        return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, dropout_p=0.3)[0]
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.backward(grad)
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
