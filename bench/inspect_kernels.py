@@ -1,7 +1,7 @@
 """Compile every kernel launch and autotune config ahead of time for sm_90 (and sm_80) on a CPU
 machine, and print shared memory, registers, spills and Hopper HGMMA (wgmma) counts.
 
-    python bench/inspect_kernels.py [--arch 90,80] [--dtypes bf16,fp32] [--json out.json] [--list]
+    python bench/inspect_kernels.py [--arch 90,80] [--dtypes bf16,fp32] [--only NAME] [--json out.json] [--list]
 
 The launches are those of real problems (launches.CHECK_PROBLEMS: every head-dim class and path,
 rotation, statistics and backward on), recorded from the launchers and compiled with the argument
@@ -40,8 +40,8 @@ def _one(job):
     return compile_report(name, jit_function(module, fn_name), sig, cx, w, s, arch=arch, attrs=attrs)
 
 
-def run(archs, dtypes, workers=2):
-    jobs = [(portable(j), a) for a in archs for j in compile_jobs(CHECK_PROBLEMS, dtypes, a)]
+def run(archs, dtypes, workers=2, problems=CHECK_PROBLEMS):
+    jobs = [(portable(j), a) for a in archs for j in compile_jobs(problems, dtypes, a)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_one, jobs))
 
@@ -55,17 +55,19 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80", help="comma-separated compute capabilities")
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", help="the problems whose name contains this string (default: all)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--list", action="store_true",
                     help="print the variants (signature, constants, divisibility hints) as JSON; compile nothing")
     a = ap.parse_args(argv)
     archs = [int(x) for x in a.arch.split(",")]
     dtypes = a.dtypes.split(",")
+    problems = [p for p in CHECK_PROBLEMS if not a.only or a.only in p.name]
     if a.list:
-        print(json.dumps([describe(j, arch) for arch in archs for j in compile_jobs(CHECK_PROBLEMS, dtypes, arch)],
+        print(json.dumps([describe(j, arch) for arch in archs for j in compile_jobs(problems, dtypes, arch)],
                          indent=1))
         return 0
-    reports = run(archs, dtypes, a.workers)
+    reports = run(archs, dtypes, a.workers, problems)
     print(f"{'variant':<66} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'wgmma':>6}  status")
     for r in reports:
         status = "ERROR " + r["error"] if r["error"] else ("OVER SHARED" if r.get("over_shared") else

@@ -34,12 +34,13 @@ class Problem(NamedTuple):
     stats: bool
     grad: bool  # a backward follows (the forward saves the rotated queries)
     dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
+    dropout: float = 0.0  # attention dropout probability
 
 
 def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
-             dense=False):
+             dense=False, dropout=0.0):
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
-                   stats, grad, dense)
+                   stats, grad, dense, dropout)
 
 
 # The inspection set: every D class and path, the heaviest variant (rotation, statistics, backward).
@@ -53,6 +54,11 @@ CHECK_PROBLEMS = (
     _problem("H4_L2048_D256", 1, 4, 4, 2048, 2048, 256, False, 2),
     # RollingQAttention's fusion row with its dense buffer (under torch.compile, or an svd_rotation).
     _problem("paper_L907_D768_dense_row", 1, 1, 1, 907, 907, 768, False, 3, rotate_rows=1, dense=True),
+    # Attention dropout: a Philox draw per score element in the forward and in both backward kernels.
+    _problem("H12_L907_D64_dropout", 1, 12, 12, 907, 907, 64, False, 3, dropout=0.1),
+    _problem("H16_L4096_D128_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1),
+    _problem("H4_L2048_D256_dropout", 1, 4, 4, 2048, 2048, 256, False, 2, dropout=0.1),
+    _problem("paper_L907_D768_dropout", 1, 1, 1, 907, 907, 768, False, 3, dropout=0.1),
 )
 
 
@@ -63,7 +69,7 @@ def gpu_check_problems() -> List[Problem]:
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
     from bench.shapes import GPU_SHAPES, MEMORY_SHAPE
-    from tests.numerics import CUDA_LARGE_SHAPES
+    from tests.numerics import CUDA_DROPOUT_SHAPES, CUDA_LARGE_SHAPES
 
     out = []
     for s in GPU_SHAPES + (MEMORY_SHAPE,):
@@ -78,6 +84,9 @@ def gpu_check_problems() -> List[Problem]:
         for dense in (False, True):  # test_gradients_cuda_large passes a dense rotation
             out.append(_problem(name + "_grad" + "_dense" * dense, b, h, hkv, lq, lk, d, causal, 3, per_batch=True,
                                 rotate_rows=min(4, lq), dense=dense))
+    for b, h, hkv, length, d in CUDA_DROPOUT_SHAPES:  # tests/test_dropout.py: 5 rows, dense rotation
+        out.append(_problem(f"test_dropout_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
+                            per_batch=True, rotate_rows=5, dense=True, dropout=0.2))
     return out
 
 
@@ -106,17 +115,18 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     ids32, rot, rot_mask = kernel_arguments(q, k, ids, rotation, p.rotate_rows)
     scale = p.head_dim ** -0.5
     save = p.grad and rot is not None
+    seed = torch.zeros(1, dtype=torch.int64) if p.dropout else None
     with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
             captured_launches(rotate, ROTATE_KERNELS) as rotations:
         out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
-                                                 p.stats, save)
+                                                 p.stats, save, p.dropout, seed)
     launches = rotations + launches
     if p.grad:  # what rollingq/ops.py saves for and hands to the backward
         q_used = q_rot.contiguous() if save else q
         with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
                 captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
-                              None if rot_mask is None else rot_mask.view(torch.bool))
+                              None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed)
         launches += rec + rotations
     return launches
 

@@ -13,6 +13,9 @@ The backward never materialises p. Three launches:
   3. `_bwd_dq`: one program per (b, head, query block, D chunk); walks the key blocks and accumulates
      dq' += scale * ds k; the epilogue applies the chain rule of q' = q R^T on the rotated rows,
      dq = dq' R, once per Q tile.
+With dropout the forward's output was sum_j z_ij p_ij v_j / (1 - p_drop), z the keep mask that
+kernels/dropout.py redraws here: dv takes z * p / (1 - p_drop), and dp is replaced by
+z * dp / (1 - p_drop) in ds = p * (dp - delta); delta = do . out needs no change.
 
 Numerics: fp32 accumulators everywhere; fp32 inputs use IEEE dots (no tf32); fp16/bf16 inputs cast
 p and ds to the input type before their dots, as FlashAttention does. bf16 differs from fp16 only
@@ -83,6 +86,7 @@ _IEEE_DKDV = {
     "ieee-64": [(16, 32, 4, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)],
     "ieee-split": [(16, 32, 8, 2)],
+    ("ieee-split", "dropout"): [(16, 16, 4, 2)],  # for dropout launches, whose draw spills the row above
 }
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
@@ -119,6 +123,12 @@ _DQ_TABLE = {
         **_IEEE_DQ,
     },
 }
+# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop: the rows that spill with it
+# are not offered to them (bench/inspect_kernels.py --only dropout, fp16/bf16/fp32), and where a class
+# loses every row its (class, "dropout") list in the table stands in.
+_DKDV_DROPOUT_SPILLS = {90: {128: [(32, 128, 8, 2)], "split": [(64, 64, 8, 1)], "ieee-split": [(16, 32, 8, 2)]},
+                        80: {64: [(32, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}}
+_DQ_DROPOUT_SPILLS = {90: {256: [(128, 32, 8, 2)]}}
 # dQ's wide-split rows (WIDE_CHUNK accumulators), offered beside the "split" class where it applies.
 _DQ_WIDE = {90: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]}
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
@@ -149,14 +159,19 @@ def _row(c: triton.Config) -> tuple:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def _pruner(table, wide_table=None):
-    """Keep the launch's class list for the card; with `wide_table`, also its wide-split rows where
-    that split applies (16-bit split heads up to WIDE_MAX_D, no in-kernel rotation epilogue)."""
+def _pruner(table, wide_table=None, dropout_spills=None):
+    """Keep the launch's class list for the card (less the rows `dropout_spills` names, on dropout
+    launches); with `wide_table`, also its wide-split rows where that split applies (16-bit split
+    heads up to WIDE_MAX_D, no in-kernel rotation epilogue)."""
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-        keep = table[target_arch()][_d_class(kwargs["SPLIT"], width, kwargs["IEEE"])]
+        cls = _d_class(kwargs["SPLIT"], width, kwargs["IEEE"])
+        keep = table[target_arch()][cls]
+        if kwargs.get("DROPOUT") and dropout_spills:
+            keep = [r for r in keep if r not in dropout_spills.get(target_arch(), {}).get(cls, [])] \
+                + table[target_arch()].get((cls, "dropout"), [])
         kept = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
         if dict(named_args, **kwargs).get("DETERMINISTIC"):  # one fixed config (common.deterministic)
             return [c for c in kept if _row(c) == keep[0]] or configs[-1:]
@@ -291,7 +306,8 @@ def _bwd_dkdv_kernel(
             if DROPOUT:
                 # out used z * p / (1 - p_drop), z the keep mask: dv takes the kept p (rescaled at
                 # the end) and ds = p * (z * dp / (1 - p_drop) - delta); delta = do . out is unchanged.
-                keep = kept(seed, (b * H + h).to(tl.uint32), offs_m[None, :], offs_n[:, None], drop_thresh)
+                keep = tl.trans(kept(seed, (b * H + h).to(tl.uint32), offs_m[:, None], pid_n * BLOCK_N, drop_thresh,
+                                     BLOCK_M, BLOCK_N))
                 dv = tl.dot(tl.where(keep, pt, 0.0).to(dt), do_o, dv, input_precision=prec)
                 dst = pt * (tl.where(keep, dpt * drop_scale, 0.0) - delta[None, :])
             else:
@@ -425,8 +441,8 @@ def _bwd_dq_kernel(
             vis = vis & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         if DROPOUT:
-            ds = p * (tl.where(kept(seed, bh, offs_m[:, None], offs_n[None, :], drop_thresh), dp * drop_scale, 0.0)
-                      - delta[:, None])
+            keep = kept(seed, bh, offs_m[:, None], start_n, drop_thresh, BLOCK_M, BLOCK_N)
+            ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
         else:
             ds = p * (dp - delta[:, None])
         if WIDE_ON:
@@ -490,7 +506,7 @@ def table_configs(table, wide_table=None) -> List[triton.Config]:
                                                             WIDE=1)
 
 
-def _autotuned(kernel, table, interp_row, key, wide_table=None):
+def _autotuned(kernel, table, interp_row, key, wide_table=None, dropout_spills=None):
     """Autotune over `table_configs` (the interpreter: its one row)."""
     if interpreting():
         configs = _to_configs([interp_row], **({} if wide_table is None else {"WIDE": 0}))
@@ -499,17 +515,17 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None):
     return triton.autotune(
         configs=configs,
         key=key,
-        prune_configs_by={"early_config_prune": _pruner(table, wide_table)},
+        prune_configs_by={"early_config_prune": _pruner(table, wide_table, dropout_spills)},
     )(kernel)
 
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "DETERMINISTIC", "DROPOUT"])
+                        "DETERMINISTIC", "DROPOUT"], dropout_spills=_DKDV_DROPOUT_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
                       "DETERMINISTIC", "DROPOUT"],
-                     _DQ_WIDE)
+                     _DQ_WIDE, _DQ_DROPOUT_SPILLS)
 
 
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:

@@ -16,6 +16,8 @@ loaded once as up to six WIDE_CHUNK-wide tiles that stay in shared memory, and t
 the output columns, so the scores are computed twice rather than once per output chunk, and no Q
 chunk is reloaded per key block.
 fp32 inputs and the split path get Q rotated once up front by the launcher (see rollingq_fwd).
+With dropout (DROPOUT) the probabilities that weight V are masked by kernels/dropout.py's draw and
+the output is scaled by 1 / (1 - p) at the end; l, the LSE and the mass use every probability.
 """
 
 import torch
@@ -73,11 +75,19 @@ FWD_CONFIGS_BY_ARCH = {
     80: {
         ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
         ("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)],
+        ("16bit", 128, "dropout"): [(64, 16, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 16, 8, 2)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 2)],
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
+}
+# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop: the rows that spill with it
+# are not offered to them (bench/inspect_kernels.py --only dropout, fp16/bf16/fp32), and where a class
+# loses every row its ("dropout") list in FWD_CONFIGS_BY_ARCH stands in.
+FWD_DROPOUT_SPILLS = {
+    90: {("16bit", 128, "tma"): [(128, 128, 8, 3)], ("16bit", "split"): [(64, 64, 8, 1)]},
+    80: {("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},
 }
 INTERPRET_CONFIG = (16, 16, 4, 1)
 
@@ -114,12 +124,19 @@ def _prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
     table = FWD_CONFIGS_BY_ARCH[target_arch()]
     prec, cls = _d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])
-    wanted = {(t, 0) for t in table[prec, cls] + (table.get((prec, cls, "tma"), []) if args["TMA"] else [])}
+    dropout = bool(args.get("DROPOUT"))
+    spills = FWD_DROPOUT_SPILLS.get(target_arch(), {}) if dropout else {}
+
+    def rows_of(k):
+        return [t for t in table.get(k, []) if t not in spills.get(k, [])]
+
+    rows = rows_of((prec, cls)) + (table.get((prec, cls, "dropout"), []) if dropout else [])
+    wanted = {(t, 0) for t in rows + (rows_of((prec, cls, "tma")) if args["TMA"] else [])}
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}
     key = lambda c: ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["WIDE"])  # noqa: E731
     if args.get("DETERMINISTIC"):  # one fixed config (common.deterministic): the class list's first row
-        wanted = {(table[prec, cls][0], 0)}
+        wanted = {(rows[0], 0)}
     return [c for c in configs if key(c) in wanted]
 
 
@@ -138,6 +155,17 @@ def _qk(s, qc, desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D
     """s + qc . k^T over one WC-wide chunk of D (columns col0 + offs_w)."""
     return tl.dot(qc, _kv(desc, base, start_n, offs_n, n_ok, s_n, s_c, col0, offs_w, HEAD_D, DESC).T, s,
                   input_precision=prec)
+
+
+@triton.jit
+def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The probabilities that weight V, in V's dtype: p, or with dropout p where kept (rescaled at
+    the end), 0 elsewhere."""
+    if DROPOUT:
+        return tl.where(kept(seed, bh, offs_m[:, None], start_n, drop_thresh, BLOCK_M, BLOCK_N), p, 0.0).to(p_dt.dtype)
+    else:
+        return p_dt
 
 
 @triton.autotune(
@@ -201,6 +229,8 @@ def _rollingq_fwd_kernel(
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
+    seed = 0  # placeholders without dropout
+    bh = 0
     if DROPOUT:
         seed = tl.load(SEED)
         bh = (b * H + h).to(tl.uint32)
@@ -319,11 +349,9 @@ def _rollingq_fwd_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_dt = p.to(dt)
-        pv_dt = p_dt  # the probabilities that weight v: dropout zeroes some (rescaled at the end)
-        if DROPOUT:
-            pv_dt = tl.where(kept(seed, bh, offs_m[:, None], offs_n[None, :], drop_thresh), p, 0.0).to(dt)
         if WIDE_ON:
+            p_dt = p.to(dt)
+            pv_dt = _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
             acc = tl.dot(pv_dt, _kv(v_desc, v_base, start_n, offs_n, n_ok, s_vn, s_vd, a_col, offs_w, HEAD_D, DESC),
                          acc * alpha[:, None], input_precision=prec)
             if NACC > 1:
@@ -338,6 +366,10 @@ def _rollingq_fwd_kernel(
             else:
                 v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
                             mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+            # p is cast after the V load, as before dropout existed: the other order spills
+            # (sm_90, D128 BM128 BN128 s3, 32 B).
+            p_dt = p.to(dt)
+            pv_dt = _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
             acc = tl.dot(pv_dt, v, acc * alpha[:, None], input_precision=prec)
         if STATS:
             if MASS_F16:

@@ -1,21 +1,22 @@
 """Attention dropout: which attention probabilities the kernels keep.
 
-Every element (b, h, i, j) of the attention matrix gets its own Philox draw, with counters
-(j, i, b * H + h) under a 64-bit seed read from device memory. The forward and both backward
+Every element (b, h, i, j) of the attention matrix gets its own 16-bit number: an eighth of the
+Philox draw with counters (j // 8, i, b * H + h) under a 64-bit seed read from device memory. The forward and both backward
 kernels walk the matrix in different orders and tiles; counters make them draw the same mask
 without storing it. The seed is drawn from PyTorch's generator on the tensors' device
 (`rollingq.functional.dropout_seed`), so `torch.manual_seed` repeats a run, activation checkpointing (which restores the
 generator) reruns the same mask, and a captured CUDA graph draws a new seed at each replay.
 
-A probability p is kept when the draw's top 24 bits, as an integer, are >= round(p_drop * 2**24):
-an integer compare, no float conversion; the kept fraction is 1 - p_drop within 2**-25. Kept
+A probability p is kept when its number is >= round(p_drop * 2**16): an integer compare, no float
+conversion; the kept fraction is 1 - p_drop within 2**-17. Eight elements per Philox call (10 rounds
+of 32-bit multiplies) keep the integer work per element near FlashAttention's. Kept
 probabilities are scaled by 1 / (1 - p_drop), as torch.nn.functional.dropout does.
 """
 import torch
 import triton
 import triton.language as tl
 
-KEEP_BITS = 24
+KEEP_BITS = 16
 
 
 def threshold(dropout_p: float) -> int:
@@ -37,13 +38,29 @@ def launch_args(dropout_p: float, seed, device) -> tuple:
 
 
 @triton.jit
-def kept(seed, bh, rows, cols, thresh):
-    """Bool tile: which elements (rows[i], cols[j]) of the attention matrix of (batch, head) `bh`
-    (b * H + h, as uint32) are kept. `rows` and `cols` broadcast against each other."""
-    r = rows + cols * 0
-    c = cols + rows * 0
-    draw, _, _, _ = tl.philox(seed, c, r, bh + c.to(tl.uint32) * 0, c * 0)
-    return (draw >> 8).to(tl.int32) >= thresh  # the top KEEP_BITS = 24 bits
+def _halves_kept(d, thresh):
+    """Both 16-bit halves of a 32-bit draw against the threshold: [..., 2] bool (low, high)."""
+    return tl.join((d & 0xFFFF).to(tl.int32) >= thresh, (d >> 16).to(tl.int32) >= thresh)
+
+
+@triton.jit
+def kept(seed, bh, rows, col0, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: which elements (rows[i], col0 + j) of the attention matrix of
+    (batch, head) `bh` (b * H + h, uint32) are kept; `rows` is [BLOCK_M, 1], col0 a multiple of 8.
+
+    One Philox call gives four 32-bit numbers, i.e. eight 16-bit ones: it serves the 8 columns
+    8c .. 8c + 7 of a row, counters (c, row, bh, 0). Joined in a fixed order and reshaped, the
+    draws land on their columns whatever the tile, so every kernel (and the transposed walk of dK/dV)
+    sees the same element get the same number."""
+    cols8 = col0 // 8 + tl.arange(0, BLOCK_N // 8)[None, :]
+    r = rows + cols8 * 0
+    c = cols8 + rows * 0
+    z = c * 0
+    d0, d1, d2, d3 = tl.philox(seed, c, r, bh + z.to(tl.uint32), z)
+    # New dims are minor: column 8c + 4 * half + 2 * (k % 2) + k // 2 holds half `half` of draw d_k.
+    eight = tl.join(tl.join(_halves_kept(d0, thresh), _halves_kept(d1, thresh)),
+                    tl.join(_halves_kept(d2, thresh), _halves_kept(d3, thresh)))
+    return tl.reshape(eight, [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -51,7 +68,7 @@ def _keep_mask_kernel(SEED, OUT, H, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK
     bh, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = kept(tl.load(SEED), bh.to(tl.uint32), offs_m[:, None], offs_n[None, :], thresh)
+    keep = kept(tl.load(SEED), bh.to(tl.uint32), offs_m[:, None], pid_n * BLOCK_N, thresh, BLOCK_M, BLOCK_N)
     tl.store(OUT + (bh * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 

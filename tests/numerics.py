@@ -5,6 +5,8 @@ import torch
 # bench/launches.py, which compiles their kernels ahead of the GPU check.
 CUDA_LARGE_SHAPES = [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
                      (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)]
+# (B, H, Hkv, L, D) of the CUDA-only dropout parity tests (tests/test_dropout.py), also precompiled.
+CUDA_DROPOUT_SHAPES = [(2, 8, 2, 907, 64), (1, 1, 1, 300, 768)]
 
 
 def assert_close_by_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,

@@ -12,7 +12,7 @@ from rollingq.kernels.common import tune_length
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
+def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0):
     """(autotuner, positional arguments by name, keyword arguments) of each autotuned launch of one
     forward and backward, recorded from the launchers on CPU tensors (bench/launches.py)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -22,16 +22,17 @@ def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
         sys.path.pop(0)
     import triton
 
-    p = _problem("keys", 2, heads, kv_heads, lq, lk, head_dim, causal, 3, per_batch=True, rotate_rows=5)
+    p = _problem("keys", 2, heads, kv_heads, lq, lk, head_dim, causal, 3, per_batch=True, rotate_rows=5,
+                 dropout=dropout)
     return [(launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)), launch.kwargs)
             for launch in record(p, torch.float16) if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner)]
 
 
-def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2):
+def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0):
     """{kernel name: the key its autotuner would look up}, computed from the recorded launch
     arguments as `triton.runtime.autotuner.Autotuner.run` computes it."""
     keys = {}
-    for at, named, kwargs in autotuned_launches(lq, lk, causal, head_dim, heads, kv_heads):
+    for at, named, kwargs in autotuned_launches(lq, lk, causal, head_dim, heads, kv_heads, dropout):
         args = dict(named, **kwargs)
         assert all(name in args for name in at.keys), f"{at.base_fn.__name__}: a key argument is not passed"
         key = [args[name] for name in at.keys] + [str(a.dtype) for a in args.values() if hasattr(a, "dtype")]
@@ -100,3 +101,52 @@ def test_deterministic_mode_fixes_one_config(head_dim):
     row = attention_fwd.FWD_CONFIGS_BY_ARCH[90][fwd_class][0]
     c = fixed["_rollingq_fwd_kernel"][0]
     assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == row
+
+
+def _every_config():
+    from rollingq.kernels import attention_bwd, attention_fwd
+
+    return {"_rollingq_fwd_kernel": attention_fwd._table_configs(),
+            "_bwd_dkdv_kernel": attention_bwd.table_configs(attention_bwd._DKDV_TABLE),
+            "_bwd_dq_kernel": attention_bwd.table_configs(attention_bwd._DQ_TABLE, attention_bwd._DQ_WIDE)}
+
+
+@pytest.mark.parametrize("head_dim", [128, 256, 768])
+def test_dropout_launches_skip_the_rows_that_spill_with_it(head_dim):
+    """Dropout is in every key, and its launches are offered the class lists less the rows that
+    spill registers with the Philox draw in the loop (sm_90, 16-bit: bench/inspect_kernels.py
+    --only dropout), also when deterministic mode keeps one row."""
+    from rollingq.kernels import attention_bwd, attention_fwd
+    from rollingq.kernels.common import planning_for
+
+    split = head_dim > 256
+    fwd_cls = attention_fwd._d_class(head_dim, split, False)
+    bwd_cls = "split" if split else head_dim
+    spills = {"_rollingq_fwd_kernel": set(attention_fwd.FWD_DROPOUT_SPILLS[90].get(fwd_cls, [])
+                                          + attention_fwd.FWD_DROPOUT_SPILLS[90].get(fwd_cls + ("tma",), [])),
+              "_bwd_dkdv_kernel": set(attention_bwd._DKDV_DROPOUT_SPILLS[90].get(bwd_cls, [])),
+              "_bwd_dq_kernel": set(attention_bwd._DQ_DROPOUT_SPILLS[90].get(bwd_cls, []))}
+    every = _every_config()
+
+    def pruned(dropout):
+        return {at.base_fn.__name__: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                      for c in at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)]
+                for at, named, kwargs in autotuned_launches(907, 907, head_dim=head_dim, dropout=dropout)}
+
+    was = torch.are_deterministic_algorithms_enabled()
+    with planning_for(90):
+        plain, dropped = pruned(0.0), pruned(0.1)
+        plain_keys, dropped_keys = autotune_keys(907, 907, head_dim=head_dim), \
+            autotune_keys(907, 907, head_dim=head_dim, dropout=0.1)
+        torch.use_deterministic_algorithms(True)
+        try:
+            fixed = pruned(0.1)
+        finally:
+            torch.use_deterministic_algorithms(was)
+    excluded = 0
+    for name in plain:
+        assert plain_keys[name] != dropped_keys[name], name
+        assert dropped[name] and dropped[name] == [r for r in plain[name] if r not in spills[name]], name
+        excluded += len(set(plain[name]) - set(dropped[name]))
+        assert len(fixed[name]) == 1 and fixed[name][0] in dropped[name], name
+    assert excluded > 0  # each of these head dims has a row that spills with dropout

@@ -11,7 +11,7 @@ from rollingq.kernels import attention_bwd as bwd
 from rollingq.kernels import attention_fwd, common
 from rollingq.kernels.dropout import KEEP_BITS, keep_mask, threshold
 from rollingq.reference import rollingq_attention_reference
-from tests.numerics import assert_close_by_rule, stats_tol
+from tests.numerics import CUDA_DROPOUT_SHAPES, assert_close_by_rule, stats_tol
 
 pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,3 +210,35 @@ def test_torch_compile_fullgraph():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     out.backward(grad)
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_DROPOUT_SHAPES)
+def test_parity_cuda_large(dtype, shape):
+    """Real tiles and the autotuner's choice on the GPU (bf16 too), with a dense rotation of 5 rows."""
+    B, H, Hkv, L, D = shape
+    check(dtype, B=B, H=H, Hkv=Hkv, L=L, D=D, rows=5, p=0.2, seed=D)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_draw_new_masks():
+    """The seed is drawn on the device inside the captured work, so each replay drops differently."""
+    q, k, v, ids, _, _ = problem(torch.float16, 2, 4, 2, 64, 64, 20)
+    q, k, v = (t.detach() for t in (q, k, v))
+
+    def f():
+        return rollingq.rollingq_attention(q, k, v, ids, M, dropout_p=0.5, stats=False)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: autotuning, value checks
+        f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert torch.isfinite(first).all() and not torch.equal(first, out)
