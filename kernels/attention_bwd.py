@@ -172,14 +172,14 @@ def _pruner(table, wide_table=None, dropout_spills=None):
         if kwargs.get("DROPOUT") and dropout_spills:
             keep = [r for r in keep if r not in dropout_spills.get(target_arch(), {}).get(cls, [])] \
                 + table[target_arch()].get((cls, "dropout"), [])
-        kept = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
+        chosen = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
         if dict(named_args, **kwargs).get("DETERMINISTIC"):  # one fixed config (common.deterministic)
-            return [c for c in kept if _row(c) == keep[0]] or configs[-1:]
+            return [c for c in chosen if _row(c) == keep[0]] or configs[-1:]
         if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
                 and kwargs["HEAD_D"] <= WIDE_MAX_D):
             wide = wide_table.get(target_arch(), [])
-            kept += [c for c in configs if c.kwargs.get("WIDE") and _row(c) in wide]
-        return kept or configs[-1:]
+            chosen += [c for c in configs if c.kwargs.get("WIDE") and _row(c) in wide]
+        return chosen or configs[-1:]
     return prune
 
 
@@ -207,7 +207,7 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["DETERMINISTIC"])
+@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
     s_qb, s_qh, s_qm, s_qd,
@@ -338,7 +338,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
              mask=rot_rows[:, None] & e_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["DETERMINISTIC"])
+@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     s_qb, s_qh, s_qm, s_qd,

@@ -175,7 +175,8 @@ def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.conste
          "DETERMINISTIC", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
-@triton.jit(do_not_specialize=["DETERMINISTIC"])
+# drop_thresh: any p compiles to one kernel (a divisible-by-16 hint would split them, unchecked).
+@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     s_qb, s_qh, s_qm, s_qd,

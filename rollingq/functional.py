@@ -115,7 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
                              rotation, rotate_rows, causal, scale, stats, ids_in_range, dropout_p)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
                  allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p)
-    dropout_p = float(dropout_p)
+    if not isinstance(dropout_p, torch.SymFloat):  # a traced value stays symbolic (no recompile per value)
+        dropout_p = float(dropout_p)
     if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.

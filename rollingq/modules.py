@@ -1,4 +1,5 @@
 """RollingQAttention: a multi-head attention layer for multimodal fusion with a RollingQ rotation."""
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -72,7 +73,7 @@ class RollingQAttention(nn.Module):
                              f"(the fusion tokens take one more class), got {num_modalities!r}")
         if rotate not in ("fusion", "all"):
             raise ValueError(f"rotate must be 'fusion' or 'all', got {rotate!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
         self.embed_dim = embed_dim

@@ -54,8 +54,9 @@ def rollingq_attention_reference(
     Scores and the two matmuls run in the inputs' dtype, the softmax in float32 (float64 for
     float64 inputs). Statistics are float32, or float64 for float64 inputs.
 
-    `dropout_mask`: bool [B, H, Lq, Lk], True = kept, the mask to apply when dropout_p > 0 (the
-    kernels' own: `rollingq.kernels.dropout.keep_mask`); None draws one with torch.rand.
+    `dropout_mask`: bool [B, H, Lq, Lk], True = kept, the mask to apply when dropout_p > 0 (e.g.
+    the kernels' own, `rollingq.kernels.dropout.keep_mask`); None draws one with torch.rand. Kept
+    probabilities are scaled by 1 / (1 - dropout_p).
     """
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p)
     B, H, Lq, D = q.shape
@@ -82,15 +83,15 @@ def rollingq_attention_reference(
     denom = weights.sum(-1, keepdim=True)
     # A row with no live key has denom 0: its weights stay 0, so its output and mass are 0.
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_mask is not None and not (isinstance(dropout_mask, torch.Tensor) and dropout_mask.dtype == torch.bool
+                                         and tuple(dropout_mask.shape) == tuple(probs.shape)):
+        raise ValueError(f"dropout_mask must be a bool tensor [B, H, Lq, Lk] = {list(probs.shape)}, got "
+                         f"{getattr(dropout_mask, 'dtype', type(dropout_mask).__name__)} "
+                         f"{tuple(getattr(dropout_mask, 'shape', ()))}")
     dropped = probs
     if dropout_p > 0:
         if dropout_mask is None:
             dropout_mask = torch.rand(probs.shape, device=q.device) >= dropout_p
-        elif not (isinstance(dropout_mask, torch.Tensor) and dropout_mask.dtype == torch.bool
-                  and tuple(dropout_mask.shape) == tuple(probs.shape)):
-            raise ValueError(f"dropout_mask must be a bool tensor [B, H, Lq, Lk] = {list(probs.shape)}, got "
-                             f"{getattr(dropout_mask, 'dtype', type(dropout_mask).__name__)} "
-                             f"{tuple(getattr(dropout_mask, 'shape', ()))}")
         dropped = probs * dropout_mask.to(device=q.device) / (1 - dropout_p)
     out = dropped.to(v.dtype) @ vh
 

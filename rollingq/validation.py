@@ -10,6 +10,7 @@ are not seen: through `.data`, `.numpy()` or the storage, by torch.distributed c
 (for buffers refilled that way), =0 skips the checks. They are skipped while torch.compile traces
 and while a CUDA graph is captured, where data cannot be read.
 """
+import numbers
 import os
 import weakref
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -172,11 +173,17 @@ def check_inputs(
             _require(0 <= rotate_rows <= Lq, f"rotate_rows as an int must be in 0..Lq = 0..{Lq}, got {rotate_rows}")
     _require(isinstance(causal, bool), f"causal must be a bool, got {type(causal).__name__}", TypeError)
     _require(not causal or Lq == Lk, f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
-    if scale is not None:
-        _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and float(scale) == float(scale)
-                 and abs(float(scale)) != float("inf"), f"scale must be a finite number or None, got {scale!r}")
-    _require(isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0 <= dropout_p < 1,
-             f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    # These two messages are built only on failure: under torch.compile a value that changes from
+    # call to call arrives as a SymFloat, which the tracer cannot format into a string.
+    if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if not (_is_real(dropout_p) and 0 <= dropout_p < 1):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _is_real(x) -> bool:
+    """A real number: Python's, numpy's, or a SymInt/SymFloat while torch.compile traces; not a bool."""
+    return isinstance(x, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(x, (bool, torch.SymBool))
 
 
 def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_values: bool) -> None:

@@ -12,7 +12,7 @@ from rollingq.kernels.common import tune_length
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0):
+def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0, dtype=torch.float16):
     """(autotuner, positional arguments by name, keyword arguments) of each autotuned launch of one
     forward and backward, recorded from the launchers on CPU tensors (bench/launches.py)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -25,7 +25,7 @@ def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, d
     p = _problem("keys", 2, heads, kv_heads, lq, lk, head_dim, causal, 3, per_batch=True, rotate_rows=5,
                  dropout=dropout)
     return [(launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)), launch.kwargs)
-            for launch in record(p, torch.float16) if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner)]
+            for launch in record(p, dtype) if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner)]
 
 
 def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0):
@@ -150,3 +150,23 @@ def test_dropout_launches_skip_the_rows_that_spill_with_it(head_dim):
         excluded += len(set(plain[name]) - set(dropped[name]))
         assert len(fixed[name]) == 1 and fixed[name][0] in dropped[name], name
     assert excluded > 0  # each of these head dims has a row that spills with dropout
+
+
+@pytest.mark.parametrize("arch, head_dim, dtype, kernel, row", [
+    (80, 128, torch.float16, "_rollingq_fwd_kernel", (64, 16, 8, 2)),
+    (90, 768, torch.float32, "_bwd_dkdv_kernel", (16, 16, 4, 2)),
+    (80, 256, torch.float32, "_bwd_dkdv_kernel", (16, 16, 4, 2)),
+])
+def test_dropout_stand_in_rows(arch, head_dim, dtype, kernel, row):
+    """Where dropout's draw spills every row of a class (sm_80's D128 forward, fp32's split dK/dV),
+    dropout launches get the class's stand-in row, and only that."""
+    from rollingq.kernels.common import planning_for
+
+    every = _every_config()
+    with planning_for(arch):
+        for at, named, kwargs in autotuned_launches(907, 907, head_dim=head_dim, dropout=0.1, dtype=dtype):
+            if at.base_fn.__name__ == kernel:
+                chosen = at.early_config_prune(every[kernel], named, **kwargs)
+                assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen] == [row]
+                return
+    raise AssertionError(f"no {kernel} launch")

@@ -145,8 +145,9 @@ def test_bad_dropout_p(p):
 
 def test_reference_mask_checked_and_launchers_need_a_seed():
     q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 1, 8, 16, 16)
-    with pytest.raises(ValueError, match="dropout_mask"):
-        rollingq_attention_reference(q, k, v, ids, M, dropout_p=0.1, dropout_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    for p in (0.1, 0.0):  # checked even where it is not applied
+        with pytest.raises(ValueError, match="dropout_mask"):
+            rollingq_attention_reference(q, k, v, ids, M, dropout_p=p, dropout_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="seed"):
         attention_fwd.rollingq_fwd(q.detach(), k.detach(), v.detach(), ids.to(torch.int32), M, None, None, False,
                                    0.25, False, False, 0.1, None)
@@ -202,14 +203,32 @@ def test_reference_backend_drops_too():
 
 
 def test_torch_compile_fullgraph():
+    """Traced, the call draws its seed as eager does (the same masks under one torch.manual_seed),
+    and a dropout_p that changes from call to call (a schedule) compiles without a graph break."""
     q, k, v, ids, rot, grad = problem(torch.float32, 1, 2, 2, 16, 16, 19)
 
-    def f(q, k, v):
-        return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, dropout_p=0.3)[0]
+    def f(q, k, v, p):
+        return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, dropout_p=p)[0]
 
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    out.backward(grad)
-    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for p in (0.3, 0.2, 0.1):
+        got = []
+        for fn in (f, compiled):
+            torch.manual_seed(7)
+            out = fn(q, k, v, p)
+            got.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
+        for a, b in zip(*got):
+            assert torch.equal(a, b), p
+
+
+def test_dropout_p_accepts_real_numbers():
+    import numpy as np
+
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 1, 1, 8, 16, 21)
+    for p in (0, np.float32(0.25), np.float64(0.25)):
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, M, dropout_p=p)
+        assert torch.isfinite(out).all()
+    assert rollingq.RollingQAttention(16, 1, 2, dropout=np.float32(0.5)).dropout == 0.5
 
 
 @pytest.mark.cuda
