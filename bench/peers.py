@@ -15,6 +15,9 @@ Forward implementations:
   for the key sums.
 Forward + backward twins (`*_fwdbwd`): the forward, then backward of a fixed random grad_out; the
 timer sets q/k/v .grad to None between runs so no accumulation kernel is timed.
+Opt-in (EXTRA_IMPL_ORDER, run with ROLLINGQ_BENCH_DROPOUT=1, not by gpu_check.sh): `rollingq_dropout_fwd`
+and `rollingq_dropout_fwdbwd`, `rollingq_fwd(bwd)` with attention dropout 0.1; their ratio to
+`rollingq_fwd(bwd)` is the cost of the draw (bench/NOTES.md has the prediction).
 
 The peers compute plain attention (no rotation, no statistics): the targets of design.md compare the
 product against them. Outcomes that are not measurements become records, never test errors:
@@ -49,6 +52,7 @@ class Impl:
     direction: str  # fwd | fwdbwd
     stats: bool = True  # rollingq only: rotation + statistics on
     dense_rotation: bool = False  # rollingq only: a general rotation instead of the factored plane one
+    dropout: float = 0.0  # rollingq only: attention dropout probability
 
 
 _IMPL_LIST = (
@@ -66,8 +70,13 @@ _IMPL_LIST = (
     Impl("sdpa_efficient_fwdbwd", "sdpa_efficient", "fwdbwd"),
     Impl("flex_fwdbwd", "flex", "fwdbwd"),
 )
-IMPLS: Dict[str, Impl] = {i.name: i for i in _IMPL_LIST}
+_EXTRA_IMPL_LIST = (
+    Impl("rollingq_dropout_fwd", "rollingq", "fwd", dropout=0.1),
+    Impl("rollingq_dropout_fwdbwd", "rollingq", "fwdbwd", dropout=0.1),
+)
+IMPLS: Dict[str, Impl] = {i.name: i for i in _IMPL_LIST + _EXTRA_IMPL_LIST}
 IMPL_ORDER = tuple(i.name for i in _IMPL_LIST)
+EXTRA_IMPL_ORDER = tuple(i.name for i in _EXTRA_IMPL_LIST)
 # The peers whose best defines "ratio to the best peer" (summarize.py keeps the same list).
 PEER_FAMILIES = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 
@@ -106,7 +115,7 @@ def _build_rollingq(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     def forward() -> torch.Tensor:
         out, _ = rollingq.rollingq_attention(
             inp.q, inp.k, inp.v, inp.modality_ids, s.num_modalities, rotation=rotation,
-            rotate_rows=rotate_rows, causal=s.causal, scale=None, stats=impl.stats)
+            rotate_rows=rotate_rows, causal=s.causal, scale=None, stats=impl.stats, dropout_p=impl.dropout)
         return out
 
     return forward

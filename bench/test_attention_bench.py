@@ -8,6 +8,8 @@ and only the CPU smoke case runs.
 
 Run: `pytest bench/ --benchmark-json=OUT/bench.json`, then `python bench/summarize.py OUT/bench.json`.
 """
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ import shapes
 
 CASES = [(s.name, impl) for s in shapes.GPU_SHAPES for impl in peers.IMPL_ORDER]  # shape-major: flex
 # compiles once per shape and direction, rollingq autotunes once per shape
+DROPOUT_CASES = [(s.name, impl) for s in shapes.GPU_SHAPES for impl in peers.EXTRA_IMPL_ORDER]
 
 
 def test_cpu_smoke(benchmark, bench_record):
@@ -66,3 +69,15 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
                              rounds=1, iterations=1)
     bench_record(benchmark, rec)
     assert rec["rollingq_fwdbwd_bytes"] is not None and rec["rollingq_fwdbwd_bytes"] > 0
+
+
+@pytest.mark.skipif(not os.environ.get("ROLLINGQ_BENCH_DROPOUT"),
+                    reason="opt-in: ROLLINGQ_BENCH_DROPOUT=1 times rollingq with attention dropout")
+@pytest.mark.parametrize("shape_name,impl", DROPOUT_CASES, ids=[f"{s}-{i}" for s, i in DROPOUT_CASES])
+def test_attention_dropout(cuda_device, benchmark, bench_record, shape_name, impl):
+    """rollingq with attention dropout 0.1 (after every other case, and not in gpu_check.sh)."""
+    rec = benchmark.pedantic(peers.measure_case, args=(shapes.BY_NAME[shape_name], impl, cuda_device),
+                             rounds=1, iterations=1)
+    bench_record(benchmark, rec)
+    assert rec["status"] == "ok", rec["status"]
+    assert rec["ms"] > 0 and rec["tflops"] > 0

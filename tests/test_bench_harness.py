@@ -142,10 +142,10 @@ def test_dry_run_every_impl_then_summarize(tmp_path, reference_path):
     """The real measure_case on a tiny CPU shape for every implementation, then the summary."""
     shape = shapes.Shape("B1_H2_L32_D16", 1, 2, 32, 16, (16, 16))
     recs = [peers.measure_case(shape, impl, "cpu", timer=peers.wallclock_ms, dtype=torch.float32,
-                               compile_flex=False) for impl in peers.IMPL_ORDER]
+                               compile_flex=False) for impl in peers.IMPL_ORDER + peers.EXTRA_IMPL_ORDER]
     status = {r["impl"]: r["status"] for r in recs}
     for impl in ("rollingq_fwd", "rollingq_fwd_nostats", "rollingq_fwdbwd", "sdpa_flash_fwd",
-                 "sdpa_flash_fwdbwd", "flex_fwd", "unfused_fwd"):
+                 "sdpa_flash_fwdbwd", "flex_fwd", "unfused_fwd") + peers.EXTRA_IMPL_ORDER:
         assert status[impl] == "ok", (impl, status[impl])
     for impl in ("sdpa_efficient_fwd", "sdpa_cudnn_fwdbwd"):  # no CPU kernel: declined, not an error
         assert status[impl].startswith("n/a: "), status[impl]
@@ -162,7 +162,7 @@ def test_dry_run_every_impl_then_summarize(tmp_path, reference_path):
     # ...relabelled (dry run only), they go through the same table code as a GPU run.
     relabelled = [dict(r, device="cuda", card="DRY-RUN-CPU") for r in recs]
     res = summarize.summarize(relabelled, commit="x")
-    assert {r["impl"] for r in res["records"]} == set(peers.IMPL_ORDER)
+    assert {r["impl"] for r in res["records"]} == set(peers.IMPL_ORDER + peers.EXTRA_IMPL_ORDER)
     report = summarize.format_report(res)
     assert "| B1_H2_L32_D16 | sdpa_efficient_fwd | n/a: " in report
     assert re.search(r"^\| B1_H2_L32_D16 \| sdpa_flash_fwd \| [0-9.]+ \| [0-9.]+ \| 1\.00x \(sdpa_flash_fwd\) \|$",
@@ -317,7 +317,7 @@ def test_summarize_reads_jsonl_and_rejects_bad_input(tmp_path, capsys):
 def test_summary_constants_agree_with_the_bench():
     assert summarize.PEER_FAMILIES == peers.PEER_FAMILIES
     assert summarize.PAPER_LAYER == shapes.PAPER_LAYER
-    for impl in peers.IMPL_ORDER:
+    for impl in peers.IMPL_ORDER + peers.EXTRA_IMPL_ORDER:
         assert summarize.family_of(impl) == peers.IMPLS[impl].family
         assert summarize.direction_of(impl) == peers.IMPLS[impl].direction
     named = {t[2] for t in summarize.TARGETS} | {t[3] for t in summarize.TARGETS} | set(summarize.MEMORY_PAIR)
@@ -360,7 +360,7 @@ def test_pytest_bench_passes_on_cpu(tmp_path):
                            f"--benchmark-json={report}", "--benchmark-storage", str(tmp_path / ".benchmarks")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    n_gpu = len(shapes.GPU_SHAPES) * len(peers.IMPL_ORDER) + 1
+    n_gpu = len(shapes.GPU_SHAPES) * (len(peers.IMPL_ORDER) + len(peers.EXTRA_IMPL_ORDER)) + 1
     assert re.search(rf"\b1 passed, {n_gpu} skipped\b", proc.stdout), proc.stdout[-2000:]
     assert "CUDA not available" in proc.stdout
     kinds = [b["extra_info"].get("kind") for b in json.loads(report.read_text())["benchmarks"]]
