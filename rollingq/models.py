@@ -61,6 +61,7 @@ class MultimodalTransformer(nn.Module):
         num_fusion_tokens: learned fusion tokens in front of the modality tokens.
         rotate: "fusion" or "all", passed to RollingQAttention.
         dropout: dropout inside the encoders.
+        attn_dropout: attention dropout of the RollingQAttention fusion layer.
 
     forward(xs, need_stats=False): xs is a sequence of M tensors [B, L_m, F_m]; returns
     `ModelOutput`.
@@ -69,7 +70,7 @@ class MultimodalTransformer(nn.Module):
     def __init__(self, in_features: Sequence[int], tokens: Sequence[int], num_classes: int,
                  fusion: str = "attention", dim: int = 64, enc_layers: int = 2, enc_heads: int = 4,
                  fusion_heads: int = 1, num_fusion_tokens: int = 1, rotate: str = "fusion",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -85,7 +86,8 @@ class MultimodalTransformer(nn.Module):
         if fusion == "attention":
             self.fusion_tokens = nn.Parameter(torch.randn(1, num_fusion_tokens, dim) * 0.02)
             self.norm1 = nn.LayerNorm(dim)
-            self.attn = RollingQAttention(dim, fusion_heads, M, num_fusion_tokens=num_fusion_tokens, rotate=rotate)
+            self.attn = RollingQAttention(dim, fusion_heads, M, num_fusion_tokens=num_fusion_tokens, rotate=rotate,
+                                          dropout=attn_dropout)
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
             self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))

@@ -58,6 +58,7 @@ class TrainConfig:
     dim: int = 64
     enc_layers: int = 2
     fusion_heads: int = 1
+    attn_dropout: float = 0.0
     n_train: Optional[int] = None
     n_test: Optional[int] = None
     out: Optional[str] = None
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ValueError("--enc-layers and --max-rotations must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.attn_dropout < 1:
+            raise ValueError(f"--attn-dropout must be in [0, 1), got {self.attn_dropout}")
         if self.warmup_epochs < 0:
             raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.rotate not in ("fusion", "all"):
@@ -96,7 +99,9 @@ class TrainConfig:
 # Settings that must match between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("method", "data", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
                 "seed", "beta", "sigma", "max_rotations", "window", "every_n_steps", "full_pass", "rotate", "rotation", "dim",
-                "enc_layers", "fusion_heads", "n_train", "n_test")
+                "enc_layers", "fusion_heads", "attn_dropout", "n_train", "n_test")
+# Keys added after checkpoints were first written: a checkpoint without one was made with this value.
+_RESUME_DEFAULTS = {"attn_dropout": 0.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=d.dim, help="model width")
     p.add_argument("--enc-layers", type=int, default=d.enc_layers, help="Transformer layers per modality encoder")
     p.add_argument("--fusion-heads", type=int, default=d.fusion_heads)
+    p.add_argument("--attn-dropout", type=float, default=d.attn_dropout,
+                   help="attention dropout of the RollingQAttention fusion layer (training only)")
     p.add_argument("--n-train", type=int, default=None, help="synthetic: training samples")
     p.add_argument("--n-test", type=int, default=None, help="synthetic: test samples per subset")
     p.add_argument("--out", default=None, help="run folder (default runs/<method>-s<seed>)")
@@ -145,7 +152,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
         device=ns.device, beta=ns.beta, sigma=ns.sigma, max_rotations=ns.max_rotations, window=ns.window,
         every_n_steps=ns.every_n_steps,
         full_pass=ns.full_pass, rotate=ns.rotate, rotation=ns.rotation, dim=ns.dim, enc_layers=ns.enc_layers,
-        fusion_heads=ns.fusion_heads, n_train=ns.n_train, n_test=ns.n_test, out=ns.out, resume=ns.resume,
+        fusion_heads=ns.fusion_heads, attn_dropout=ns.attn_dropout, n_train=ns.n_train, n_test=ns.n_test, out=ns.out, resume=ns.resume,
         progress=not ns.no_progress, threads=ns.threads, stop_after=ns.stop_after)
     cfg.check()
     return cfg
@@ -375,7 +382,8 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
     random.seed(cfg.seed)
     fusion = "attention" if cfg.method in ("vanilla", "rollingq") else cfg.method
     model = MultimodalTransformer(data.features, data.tokens, data.num_classes, fusion=fusion, dim=cfg.dim,
-                                  enc_layers=cfg.enc_layers, fusion_heads=cfg.fusion_heads, rotate=cfg.rotate).to(device)
+                                  enc_layers=cfg.enc_layers, fusion_heads=cfg.fusion_heads, rotate=cfg.rotate,
+                                  attn_dropout=cfg.attn_dropout).to(device)
     controller = None
     if fusion == "attention":
         # vanilla gets the same controller with max_rotations=0: it measures AIR, c, mass and key
@@ -409,6 +417,7 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         saved = state["config"]
+        saved = {**_RESUME_DEFAULTS, **saved}
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)}
         if diff:
             raise ValueError(f"--resume: settings differ from the checkpoint's (saved, given): {diff}")

@@ -185,3 +185,26 @@ def test_three_modalities_and_two_heads(tmp_path):
     assert rec["air"] >= max(rec["c"]) - min(rec["c"]) - 1e-9 and rec["air"] > 0
     assert all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in rec["mass"].values())
     assert all(math.isfinite(v) for v in _numbers(rec))
+
+
+def test_attention_dropout_trains_and_resumes_exactly(tmp_path):
+    """--attn-dropout reaches the fusion layer; its masks come from the saved generator state, so a
+    resumed run repeats the uninterrupted one. A checkpoint written before the setting existed
+    resumes as attn_dropout = 0."""
+    cfg = dict(method="rollingq", epochs=2, attn_dropout=0.3, **TINY)
+    full = run(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    plain = run(TrainConfig(out=str(tmp_path / "plain"), **dict(cfg, attn_dropout=0.0)))
+    assert full[-1]["loss"] != plain[-1]["loss"]
+    run(TrainConfig(out=str(tmp_path / "part"), stop_after=1, **cfg))
+    resumed = run(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    with pytest.raises(ValueError, match="attn_dropout"):
+        run(TrainConfig(out=str(tmp_path / "part"), resume=True, **dict(cfg, attn_dropout=0.1)))
+    old = tmp_path / "plain" / "checkpoint.pt"
+    state = torch.load(old, weights_only=True)
+    del state["config"]["attn_dropout"]
+    torch.save(state, old)
+    assert strip(run(TrainConfig(out=str(tmp_path / "plain"), resume=True, **dict(cfg, attn_dropout=0.0)))) == strip(plain)
+    with pytest.raises(SystemExit):
+        train.main(["--attn-dropout", "1.0", "--out", str(tmp_path / "z")])
