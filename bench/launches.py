@@ -54,6 +54,10 @@ CHECK_PROBLEMS = (
     _problem("H4_L2048_D256", 1, 4, 4, 2048, 2048, 256, False, 2),
     # RollingQAttention's fusion row with its dense buffer (under torch.compile, or an svd_rotation).
     _problem("paper_L907_D768_dense_row", 1, 1, 1, 907, 907, 768, False, 3, rotate_rows=1, dense=True),
+    # Per-batch ids (sequences of different lengths): the key loops stop at each row's last live key.
+    _problem("H12_L907_D64_varlen", 2, 12, 12, 907, 907, 64, False, 3, per_batch=True),
+    _problem("H16_L4096_D128_causal_varlen", 2, 16, 16, 4096, 4096, 128, True, 2, per_batch=True),
+    _problem("paper_L907_D768_varlen", 2, 1, 1, 907, 907, 768, False, 3, per_batch=True),
     # Attention dropout: a Philox draw per score element in the forward and in both backward kernels.
     _problem("H12_L907_D64_dropout", 1, 12, 12, 907, 907, 64, False, 3, dropout=0.1),
     _problem("H16_L4096_D128_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1),

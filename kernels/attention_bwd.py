@@ -341,6 +341,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
 @triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
+    KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -360,6 +361,7 @@ def _bwd_dq_kernel(
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (single path only; kernels/tma.py)
     WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
     DROPOUT: tl.constexpr,
+    TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
@@ -413,8 +415,10 @@ def _bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     hi = Lk
+    if TRIM:
+        hi = tl.load(KV_END + b)  # key blocks past the last live key hold only padding: skipped
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < Lk
@@ -524,7 +528,7 @@ _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                         "DETERMINISTIC", "DROPOUT"], dropout_spills=_DKDV_DROPOUT_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "DETERMINISTIC", "DROPOUT"],
+                      "DETERMINISTIC", "DROPOUT", "TRIM"],
                      _DQ_WIDE, _DQ_DROPOUT_SPILLS)
 
 
@@ -676,6 +680,7 @@ def attention_bwd(
     )
 
     dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
+    trim = common.trims_padding(ids)
     split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     in_kernel_rot = rotate and n_dv == 1
@@ -686,12 +691,13 @@ def attention_bwd(
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
+        common.live_key_ends(ids) if trim else delta,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:

@@ -172,13 +172,14 @@ def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.conste
     configs=_configs(),
     # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it.
     key=["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA",
-         "DETERMINISTIC", "DROPOUT"],
+         "DETERMINISTIC", "DROPOUT", "TRIM"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # drop_thresh: any p compiles to one kernel (a divisible-by-16 hint would split them, unchecked).
 @triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
+    KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -197,6 +198,7 @@ def _rollingq_fwd_kernel(
     MP: tl.constexpr,  # modality count padded to a power of two >= 16 (tl.dot minimum)
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
     DROPOUT: tl.constexpr,  # drop attention probabilities (the statistics still see them all)
+    TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
     EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated Q tile
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
@@ -305,8 +307,14 @@ def _rollingq_fwd_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[s_vn, 1],
                                            block_shape=[BLOCK_N, DESC_W])
     hi = Lk
+    if TRIM:
+        hi = tl.load(KV_END + b)  # key blocks past the last live key hold only padding: skipped
     if CAUSAL:
-        hi = (pid_m + 1) * BLOCK_M  # Lq == Lk, so only the last query block overshoots; masks cover it
+        # Lq == Lk, so only the last query block overshoots; masks cover it
+        if TRIM:
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+        else:
+            hi = (pid_m + 1) * BLOCK_M
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < Lk
@@ -465,6 +473,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         q = rotate_rows(q, rotation, rot_mask)
         rotate = False
     drop_args = dropout_launch_args(dropout_p, seed, dev)
+    trim = common.trims_padding(ids)
     q_rot_out = None
     if save_qrot:
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
@@ -495,13 +504,14 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
-        seed if dropout_p > 0 else lse,
+        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
         H, Lq, Lk, num_modalities, group, workers,
         scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
+        TRIM=trim,
         EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
         MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
     )

@@ -30,6 +30,26 @@ def deterministic() -> int:
     return int(torch.are_deterministic_algorithms_enabled())
 
 
+def trims_padding(ids) -> bool:
+    """Whether the forward and dQ key loops stop at each batch row's last live key (TRIM): for
+    per-batch ids ([B, Lk], B > 1), where rows of different lengths are padded at the end. Shared
+    ids (a stride-0 batch view: one layout for the whole batch) keep the plain loop over Lk, so
+    fixed layouts (the benchmarks, the paper's layer) run the kernels as compiled without it."""
+    return ids.shape[0] > 1 and ids.stride(0) != 0
+
+
+def live_key_ends(ids):
+    """int32 [B]: one past the last live key (id >= 0) of each batch row of the [B, Lk] ids, 0 for
+    a row without one: where the TRIM key loops stop, so trailing padding (sequences of different
+    lengths padded at the end) costs no key block. A stride-0 (shared) ids row is reduced once."""
+    import torch
+
+    rows = ids[:1] if ids.stride(0) == 0 else ids
+    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=torch.int32)
+    ends = torch.where(rows >= 0, positions, 0).amax(1) if ids.shape[1] else rows.new_zeros(rows.shape[0])
+    return ends.to(torch.int32).expand(ids.shape[0]).contiguous()
+
+
 def new_buffer(shape, device, dtype):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
     tests swap in NaN-filled buffers, so an unwritten element fails them."""

@@ -1,0 +1,68 @@
+"""Sequences of different lengths padded at the end: the forward and dQ key loops stop at each batch
+row's last live key (kernels/common.live_key_ends). The skipped blocks hold only padding, so the
+results equal those of the full loop bit for bit, and match the float64 reference."""
+import pytest
+import torch
+
+import rollingq
+from rollingq.functional import uses_kernel
+from rollingq.kernels import common
+from rollingq.reference import rollingq_attention_reference
+from tests.numerics import assert_close_by_rule
+
+pytestmark = pytest.mark.kernel
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M = 3
+
+
+def test_live_key_ends():
+    ids = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1], [2, -1, 0, -1], [0, 0, 0, 1]], dtype=torch.int32)
+    assert common.live_key_ends(ids).tolist() == [2, 0, 3, 4]
+    shared = torch.tensor([1, -1, 0, -1, -1], dtype=torch.int32).expand(3, 5)
+    ends = common.live_key_ends(shared)
+    assert ends.tolist() == [3, 3, 3] and ends.dtype == torch.int32 and ends.is_contiguous()
+    # Only per-batch ids trim: a shared layout (and a batch of one) keeps the plain loop.
+    assert common.trims_padding(ids) and not common.trims_padding(shared) and not common.trims_padding(ids[:1])
+
+
+def _problem(dtype, causal, seed):
+    """Lengths 45 (no padding), 13, 1 and 0 (a row of padding only) out of 45 keys; 45 queries."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv, L, D = 4, 2, 1, 45, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    ids = torch.randint(0, M, (B, L), generator=gen)
+    for b, length in enumerate((45, 13, 1, 0)):
+        ids[b, length:] = -1
+    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    return q, k, v, ids.to(DEVICE), rot, torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padded_batch(dtype, causal, monkeypatch):
+    q, k, v, ids, rot, grad = _problem(dtype, causal, seed=3 + causal)
+    assert uses_kernel(q.device)
+
+    def run():
+        out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, causal=causal)
+        return (out, st.attn_mass) + torch.autograd.grad(out, (q, k, v), grad)
+
+    skipped = run()
+    monkeypatch.setattr(common, "live_key_ends",
+                        lambda ids: torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int32, device=ids.device))
+    full = run()  # the trimming kernels, told every row is live
+    monkeypatch.setattr(common, "trims_padding", lambda ids: False)
+    plain = run()  # the kernels without trimming
+    for a, b, c in zip(skipped, full, plain):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+    def ref(dt, r):
+        qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        o, s = rollingq_attention_reference(qq, kk, vv, ids, M, r, 3, causal)
+        return (o,) + torch.autograd.grad(o, (qq, kk, vv), grad.to(dt)), s
+
+    (r64, s64), (rlp, _) = ref(torch.float64, rot.double()), ref(dtype, rot)
+    for name, got, a, b in zip(("out", "dq", "dk", "dv"), skipped[:1] + skipped[2:], r64, rlp):
+        assert_close_by_rule(name, got, a, b)
+    assert (skipped[1].double() - s64.attn_mass).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-3)
+    assert not skipped[0][3].any() and not skipped[1][3].any()  # the row of padding only: zeros
