@@ -71,7 +71,7 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
     assert rec["rollingq_fwdbwd_bytes"] is not None and rec["rollingq_fwdbwd_bytes"] > 0
 
 
-@pytest.mark.skipif(not os.environ.get("ROLLINGQ_BENCH_DROPOUT"),
+@pytest.mark.skipif(os.environ.get("ROLLINGQ_BENCH_DROPOUT", "") in ("", "0"),
                     reason="opt-in: ROLLINGQ_BENCH_DROPOUT=1 times rollingq with attention dropout")
 @pytest.mark.parametrize("shape_name,impl", DROPOUT_CASES, ids=[f"{s}-{i}" for s, i in DROPOUT_CASES])
 def test_attention_dropout(cuda_device, benchmark, bench_record, shape_name, impl):

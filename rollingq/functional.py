@@ -148,6 +148,8 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
     row is, which the launchers know without reading it). bench/launches.py drives the kernels
     through it too."""
     B, _, Lq, _ = q.shape
+    if modality_ids.dim() == 2 and modality_ids.stride(0) == 0:
+        modality_ids = modality_ids[0]  # a shared layout passed as a batch view stays shared after the cast
     ids = modality_ids.to(torch.int32).expand(B, k.shape[2])
     if rotation is None or rotate_rows is None or (isinstance(rotate_rows, int) and rotate_rows == 0):
         return ids, None, None

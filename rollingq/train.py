@@ -82,6 +82,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.attn_dropout < 1:
             raise ValueError(f"--attn-dropout must be in [0, 1), got {self.attn_dropout}")
+        if self.attn_dropout and self.method not in ("vanilla", "rollingq"):
+            raise ValueError(f"--attn-dropout applies to attention fusion (vanilla, rollingq), not to "
+                             f"--method {self.method}")
         if self.warmup_epochs < 0:
             raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.rotate not in ("fusion", "all"):

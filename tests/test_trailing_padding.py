@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rollingq
-from rollingq.functional import uses_kernel
+from rollingq.functional import kernel_arguments, uses_kernel
 from rollingq.kernels import common
 from rollingq.reference import rollingq_attention_reference
 from tests.numerics import assert_close_by_rule
@@ -21,17 +21,22 @@ def test_live_key_ends():
     shared = torch.tensor([1, -1, 0, -1, -1], dtype=torch.int32).expand(3, 5)
     ends = common.live_key_ends(shared)
     assert ends.tolist() == [3, 3, 3] and ends.dtype == torch.int32 and ends.is_contiguous()
-    # Only per-batch ids trim: a shared layout (and a batch of one) keeps the plain loop.
+    # Only per-batch ids trim: a shared layout (and a batch of one) keeps the plain loop, also when
+    # passed as a [B, Lk] batch view of another dtype (the cast must not make it per-batch).
     assert common.trims_padding(ids) and not common.trims_padding(shared) and not common.trims_padding(ids[:1])
+    q = torch.empty(3, 1, 4, 8)
+    cast, _, _ = kernel_arguments(q, torch.empty(3, 1, 5, 8), shared[0].long().expand(3, 5), None, None)
+    assert cast.dtype == torch.int32 and cast.stride(0) == 0 and not common.trims_padding(cast)
 
 
-def _problem(dtype, causal, seed):
-    """Lengths 45 (no padding), 13, 1 and 0 (a row of padding only) out of 45 keys; 45 queries."""
+def _problem(dtype, causal, seed, lengths=(45, 13, 1, 0)):
+    """Batch rows of the given lengths out of L = lengths[0] keys and queries: by default 45 (no
+    padding), 13, 1 and 0 (a row of padding only)."""
     gen = torch.Generator().manual_seed(seed)
-    B, H, Hkv, L, D = 4, 2, 1, 45, 16
+    B, H, Hkv, L, D = len(lengths), 2, 1, lengths[0], 16
     q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
     ids = torch.randint(0, M, (B, L), generator=gen)
-    for b, length in enumerate((45, 13, 1, 0)):
+    for b, length in enumerate(lengths):
         ids[b, length:] = -1
     rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
     return q, k, v, ids.to(DEVICE), rot, torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype)
@@ -40,8 +45,24 @@ def _problem(dtype, causal, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_right_padded_batch(dtype, causal, monkeypatch):
-    q, k, v, ids, rot, grad = _problem(dtype, causal, seed=3 + causal)
+    check_right_padded(dtype, causal, (45, 13, 1, 0), monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padded_batch_cuda(dtype, causal, monkeypatch):
+    """Real tiles (64-128 keys): rows that skip some blocks, all but one, and all."""
+    check_right_padded(dtype, causal, (300, 130, 1, 0), monkeypatch)
+
+
+def check_right_padded(dtype, causal, lengths, monkeypatch):
+    q, k, v, ids, rot, grad = _problem(dtype, causal, seed=3 + causal, lengths=lengths)
     assert uses_kernel(q.device)
+    # One fixed config per launch (common.deterministic): on a GPU the three runs below have
+    # different autotune keys, and tiles chosen by timing could sum in different orders.
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
     def run():
         out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, causal=causal)
@@ -53,6 +74,7 @@ def test_right_padded_batch(dtype, causal, monkeypatch):
     full = run()  # the trimming kernels, told every row is live
     monkeypatch.setattr(common, "trims_padding", lambda ids: False)
     plain = run()  # the kernels without trimming
+    torch.use_deterministic_algorithms(was)
     for a, b, c in zip(skipped, full, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
 

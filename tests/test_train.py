@@ -208,3 +208,5 @@ def test_attention_dropout_trains_and_resumes_exactly(tmp_path):
     assert strip(run(TrainConfig(out=str(tmp_path / "plain"), resume=True, **dict(cfg, attn_dropout=0.0)))) == strip(plain)
     with pytest.raises(SystemExit):
         train.main(["--attn-dropout", "1.0", "--out", str(tmp_path / "z")])
+    with pytest.raises(ValueError, match="attention fusion"):
+        TrainConfig(method="sum", attn_dropout=0.1).check()
