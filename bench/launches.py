@@ -8,6 +8,7 @@ time, so a job compiles exactly the kernel a GPU would (and, compiled on that GP
 under the same Triton cache key). Used by inspect_kernels.py (register and spill report) and
 precompile.py (parallel compiles before the GPU check).
 """
+import contextlib
 import importlib
 import os
 import sys
@@ -35,12 +36,13 @@ class Problem(NamedTuple):
     grad: bool  # a backward follows (the forward saves the rotated queries)
     dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
     dropout: float = 0.0  # attention dropout probability
+    trim: Optional[bool] = None  # force the key loops' trailing-padding trim on or off (None: the launchers decide)
 
 
 def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
-             dense=False, dropout=0.0):
+             dense=False, dropout=0.0, trim=None):
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
-                   stats, grad, dense, dropout)
+                   stats, grad, dense, dropout, trim)
 
 
 # The inspection set: every D class and path, the heaviest variant (rotation, statistics, backward).
@@ -91,6 +93,11 @@ def gpu_check_problems() -> List[Problem]:
     for b, h, hkv, length, d in CUDA_DROPOUT_SHAPES:  # tests/test_dropout.py: 5 rows, dense rotation
         out.append(_problem(f"test_dropout_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
                             per_batch=True, rotate_rows=5, dense=True, dropout=0.2))
+    # tests/test_trailing_padding.py on CUDA: trimmed, and the same launches without the trim.
+    for causal in (False, True):
+        for trim in (True, False):
+            out.append(_problem(f"test_trailing_L300{'_causal' if causal else ''}{'' if trim else '_notrim'}", 4, 2,
+                                1, 300, 300, 16, causal, 3, per_batch=True, rotate_rows=3, dense=True, trim=trim))
     return out
 
 
@@ -100,9 +107,11 @@ ROTATE_KERNELS = ["_low_rank_rotate_kernel", "_dense_rows_rotate_kernel"]
 def record(p: Problem, dtype: torch.dtype) -> list:
     """The kernel launches of one forward (and backward when p.grad) on CPU tensors, not run."""
     from rollingq.functional import kernel_arguments
+    from unittest import mock
+
     from rollingq.kernels import attention_bwd as bwd
     from rollingq.kernels import attention_fwd as fwd
-    from rollingq.kernels import rotate
+    from rollingq.kernels import common, rotate
     from rollingq.kernels.aot import captured_launches
     from rollingq.rotation import LowRankRotation
 
@@ -120,14 +129,16 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     scale = p.head_dim ** -0.5
     save = p.grad and rot is not None
     seed = torch.zeros(1, dtype=torch.int64) if p.dropout else None
-    with captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
+    forced = contextlib.nullcontext() if p.trim is None else mock.patch.object(common, "trims_padding",
+                                                                               lambda ids: p.trim)
+    with forced, captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
             captured_launches(rotate, ROTATE_KERNELS) as rotations:
         out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
                                                  p.stats, save, p.dropout, seed)
     launches = rotations + launches
     if p.grad:  # what rollingq/ops.py saves for and hands to the backward
         q_used = q_rot.contiguous() if save else q
-        with captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
+        with forced, captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
                 captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
                               None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed)
