@@ -15,9 +15,12 @@ Forward implementations:
   for the key sums.
 Forward + backward twins (`*_fwdbwd`): the forward, then backward of a fixed random grad_out; the
 timer sets q/k/v .grad to None between runs so no accumulation kernel is timed.
-Opt-in (EXTRA_IMPL_ORDER, run with ROLLINGQ_BENCH_DROPOUT=1, not by gpu_check.sh): `rollingq_dropout_fwd`
-and `rollingq_dropout_fwdbwd`, `rollingq_fwd(bwd)` with attention dropout 0.1; their ratio to
-`rollingq_fwd(bwd)` is the cost of the draw (bench/NOTES.md has the prediction).
+Opt-in (EXTRA_IMPL_ORDER, run with ROLLINGQ_BENCH_EXTRA=1, not by gpu_check.sh), each compared with
+`rollingq_fwd(bwd)` on the same shape (bench/NOTES.md has the predictions):
+- `rollingq_dropout_fwd(bwd)`: with attention dropout 0.1; the ratio is the cost of the draw.
+- `rollingq_varlen_fwd(bwd)`: per-batch ids, batch row b padded at the end after
+  L - floor(b L / 2B) keys (lengths spread over [L/2, L]); credited the padded shape's FLOPs, so
+  the ratio is what skipping trailing padding saves (predicted ~0.75x of the time non-causal).
 
 The peers compute plain attention (no rotation, no statistics): the targets of design.md compare the
 product against them. Outcomes that are not measurements become records, never test errors:
@@ -53,6 +56,7 @@ class Impl:
     stats: bool = True  # rollingq only: rotation + statistics on
     dense_rotation: bool = False  # rollingq only: a general rotation instead of the factored plane one
     dropout: float = 0.0  # rollingq only: attention dropout probability
+    varlen: bool = False  # rollingq only: per-batch ids, rows padded at the end (see varlen_ids)
 
 
 _IMPL_LIST = (
@@ -73,6 +77,8 @@ _IMPL_LIST = (
 _EXTRA_IMPL_LIST = (
     Impl("rollingq_dropout_fwd", "rollingq", "fwd", dropout=0.1),
     Impl("rollingq_dropout_fwdbwd", "rollingq", "fwdbwd", dropout=0.1),
+    Impl("rollingq_varlen_fwd", "rollingq", "fwd", varlen=True),
+    Impl("rollingq_varlen_fwdbwd", "rollingq", "fwdbwd", varlen=True),
 )
 IMPLS: Dict[str, Impl] = {i.name: i for i in _IMPL_LIST + _EXTRA_IMPL_LIST}
 IMPL_ORDER = tuple(i.name for i in _IMPL_LIST)
@@ -111,14 +117,24 @@ def _build_rollingq(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     s = inp.shape
     rotation = (inp.dense_rotation if impl.dense_rotation else inp.rotation) if impl.stats else None
     rotate_rows = s.seq_len if impl.stats else None
+    ids = varlen_ids(inp.modality_ids, s.batch) if impl.varlen else inp.modality_ids
 
     def forward() -> torch.Tensor:
         out, _ = rollingq.rollingq_attention(
-            inp.q, inp.k, inp.v, inp.modality_ids, s.num_modalities, rotation=rotation,
+            inp.q, inp.k, inp.v, ids, s.num_modalities, rotation=rotation,
             rotate_rows=rotate_rows, causal=s.causal, scale=None, stats=impl.stats, dropout_p=impl.dropout)
         return out
 
     return forward
+
+
+def varlen_ids(modality_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """[L] ids -> [B, L] ids whose row b is padded (-1) after L - floor(b * L / (2 * B)) keys."""
+    L = modality_ids.shape[0]
+    ids = modality_ids.expand(batch, L).clone()
+    for b in range(batch):
+        ids[b, L - (b * L) // (2 * batch):] = -1
+    return ids
 
 
 # -------------------------------------------------------------------------------------------- SDPA

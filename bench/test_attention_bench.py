@@ -19,7 +19,7 @@ import shapes
 
 CASES = [(s.name, impl) for s in shapes.GPU_SHAPES for impl in peers.IMPL_ORDER]  # shape-major: flex
 # compiles once per shape and direction, rollingq autotunes once per shape
-DROPOUT_CASES = [(s.name, impl) for s in shapes.GPU_SHAPES for impl in peers.EXTRA_IMPL_ORDER]
+EXTRA_CASES = [(s.name, impl) for s in shapes.GPU_SHAPES for impl in peers.EXTRA_IMPL_ORDER]
 
 
 def test_cpu_smoke(benchmark, bench_record):
@@ -71,11 +71,12 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
     assert rec["rollingq_fwdbwd_bytes"] is not None and rec["rollingq_fwdbwd_bytes"] > 0
 
 
-@pytest.mark.skipif(os.environ.get("ROLLINGQ_BENCH_DROPOUT", "") in ("", "0"),
-                    reason="opt-in: ROLLINGQ_BENCH_DROPOUT=1 times rollingq with attention dropout")
-@pytest.mark.parametrize("shape_name,impl", DROPOUT_CASES, ids=[f"{s}-{i}" for s, i in DROPOUT_CASES])
-def test_attention_dropout(cuda_device, benchmark, bench_record, shape_name, impl):
-    """rollingq with attention dropout 0.1 (after every other case, and not in gpu_check.sh)."""
+@pytest.mark.skipif(os.environ.get("ROLLINGQ_BENCH_EXTRA", "") in ("", "0"),
+                    reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout and with padded rows")
+@pytest.mark.parametrize("shape_name,impl", EXTRA_CASES, ids=[f"{s}-{i}" for s, i in EXTRA_CASES])
+def test_attention_extra(cuda_device, benchmark, bench_record, shape_name, impl):
+    """rollingq with attention dropout 0.1, and with rows padded at the end (peers.EXTRA_IMPL_ORDER):
+    after every other case, and not in gpu_check.sh."""
     rec = benchmark.pedantic(peers.measure_case, args=(shapes.BY_NAME[shape_name], impl, cuda_device),
                              rounds=1, iterations=1)
     bench_record(benchmark, rec)

@@ -130,6 +130,13 @@ def test_short_reason_prefers_the_resource_line():
     assert len(peers.short_reason(ValueError("x" * 500), limit=50)) == 50
 
 
+def test_varlen_ids_pad_rows_at_the_end():
+    ids = peers.varlen_ids(torch.arange(8) % 2, 4)
+    assert ids.shape == (4, 8) and ((ids >= 0).sum(1)).tolist() == [8, 7, 6, 5]
+    assert all((row[:n] == torch.arange(n) % 2).all() and (row[n:] == -1).all()
+               for row, n in zip(ids, (8, 7, 6, 5)))
+
+
 def test_build_rejects_bad_arguments():
     inp = shapes.make_inputs(shapes.CPU_SMOKE_SHAPE, "cpu", torch.float32)
     with pytest.raises(ValueError, match="impl must be one of"):
