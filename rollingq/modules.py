@@ -1,5 +1,4 @@
 """RollingQAttention: a multi-head attention layer for multimodal fusion with a RollingQ rotation."""
-import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -8,7 +7,8 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import MAX_MODALITIES, capturing_cuda_graph, checked_values, tensor_version, value_checks_enabled
+from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, checked_values, tensor_version,
+                         value_checks_enabled)
 
 __all__ = ["RollingQAttention"]
 
@@ -73,8 +73,7 @@ class RollingQAttention(nn.Module):
                              f"(the fusion tokens take one more class), got {num_modalities!r}")
         if rotate not in ("fusion", "all"):
             raise ValueError(f"rotate must be 'fusion' or 'all', got {rotate!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_dropout(dropout, "dropout")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -177,8 +177,13 @@ def check_inputs(
     # call to call arrives as a SymFloat, which the tracer cannot format into a string.
     if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) != float("inf")):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if not (_is_real(dropout_p) and 0 <= dropout_p < 1):
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_dropout(dropout_p)
+
+
+def check_dropout(p, name: str = "dropout_p") -> None:
+    """A dropout probability: a real number in [0, 1) (a SymFloat while torch.compile traces)."""
+    if not (_is_real(p) and 0 <= p < 1):
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
 
 
 def _is_real(x) -> bool:
