@@ -16,6 +16,8 @@ The backward never materialises p. Three launches:
 With dropout the forward's output was sum_j z_ij p_ij v_j / (1 - p_drop), z the keep mask that
 kernels/dropout.py redraws here: dv takes z * p / (1 - p_drop), and dp is replaced by
 z * dp / (1 - p_drop) in ds = p * (dp - delta); delta = do . out needs no change.
+A user attention mask (MASK, kernels/attn_mask.py) is reread per tile and enters p as in the forward;
+a bias gets no gradient.
 
 Numerics: fp32 accumulators everywhere; fp32 inputs use IEEE dots (no tf32); fp16/bf16 inputs cast
 p and ds to the input type before their dots, as FlashAttention does. bf16 differs from fp16 only
@@ -45,6 +47,8 @@ import triton
 import triton.language as tl
 
 from . import common
+from .attn_mask import launch_args as mask_launch_args
+from .attn_mask import mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
@@ -210,6 +214,7 @@ def _bwd_preprocess_kernel(
 @triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
+    AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -217,6 +222,7 @@ def _bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_ib, s_in,
+    s_ab, s_ah, s_am, s_an,
     H, Lq, Lk, GROUP,
     sm_scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
@@ -230,6 +236,7 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     TMA: tl.constexpr,  # Q/dO tiles through tensor descriptors (single path only; kernels/tma.py)
     DROPOUT: tl.constexpr,
+    MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
@@ -270,6 +277,7 @@ def _bwd_dkdv_kernel(
         q_base = Q + b * s_qb + h * s_qh
         do_base = DO + b * s_db + h * s_dh
         row_base = (b * H + h) * Lq
+        amask_base = AMASK + b * s_ab + h * s_ah
         if TMA:
             q_desc = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_D], strides=[s_qm, 1],
                                                block_shape=[BLOCK_M, BLOCK_D])
@@ -302,7 +310,12 @@ def _bwd_dkdv_kernel(
             vis = key_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 vis = vis & (offs_m[None, :] >= offs_n[:, None])
-            pt = tl.where(vis, tl.exp2(st * qk_scale - lse[None, :] * 1.4426950408889634), 0.0)
+            st = st * qk_scale
+            if MASK == 1:
+                vis = vis & mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
+            if MASK == 2:
+                st = st + mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
+            pt = tl.where(vis, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
             if DROPOUT:
                 # out used z * p / (1 - p_drop), z the keep mask: dv takes the kept p (rescaled at
                 # the end) and ds = p * (z * dp / (1 - p_drop) - delta); delta = do . out is unchanged.
@@ -342,6 +355,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
+    AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -349,6 +363,7 @@ def _bwd_dq_kernel(
     s_dqb, s_dqh, s_dqm, s_dqd,
     s_ib, s_in,
     s_rmb, s_rmm,
+    s_ab, s_ah, s_am, s_an,
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
@@ -362,6 +377,7 @@ def _bwd_dq_kernel(
     WC: tl.constexpr,  # chunk width of the wide split (WIDE_CHUNK)
     DROPOUT: tl.constexpr,
     TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
+    MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
@@ -390,6 +406,7 @@ def _bwd_dq_kernel(
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
+    amask_base = AMASK + b * s_ab + h * s_ah
     row_base = (b * H + h) * Lq
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -443,7 +460,12 @@ def _bwd_dq_kernel(
         vis = m_ok[:, None] & (ids[None, :] >= 0)
         if CAUSAL:
             vis = vis & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        s = s * qk_scale
+        if MASK == 1:
+            vis = vis & mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
+        if MASK == 2:
+            s = s + mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         if DROPOUT:
             keep = kept(seed, bh, offs_m[:, None], start_n, drop_thresh, BLOCK_M, BLOCK_N)
             ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
@@ -525,10 +547,10 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None, dropout_spills=N
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "DETERMINISTIC", "DROPOUT"], dropout_spills=_DKDV_DROPOUT_SPILLS)
+                        "DETERMINISTIC", "DROPOUT", "MASK"], dropout_spills=_DKDV_DROPOUT_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "DETERMINISTIC", "DROPOUT", "TRIM"],
+                      "DETERMINISTIC", "DROPOUT", "TRIM", "MASK"],
                      _DQ_WIDE, _DQ_DROPOUT_SPILLS)
 
 
@@ -615,6 +637,7 @@ def attention_bwd(
     rot_mask: Optional[torch.Tensor],
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused forward in q, k, v.
 
@@ -633,6 +656,8 @@ def attention_bwd(
             selects the rotated rows, None: every row (when a rotation is given).
         dropout_p, seed: the forward's dropout probability in [0, 1) and its int64 [1] seed on the
             tensors' device (kernels/dropout.py); the masks are redrawn from it.
+        attn_mask: the forward's attention mask (bool: True = attend; float: added to the scaled
+            scores), broadcastable to [B, H, Lq, Lk], or None. A float mask gets no gradient.
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
@@ -650,6 +675,7 @@ def attention_bwd(
     qk_scale = float(scale) * _LOG2E
     dropout = dropout_p > 0
     drop_args = dropout_launch_args(dropout_p, seed, dev)
+    amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, lse)
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
@@ -670,13 +696,13 @@ def attention_bwd(
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
-        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta,
+        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        ids.stride(0), ids.stride(1),
+        ids.stride(0), ids.stride(1), *amask_strides,
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout,
+        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
     )
 
     dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
@@ -691,13 +717,13 @@ def attention_bwd(
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
-        common.live_key_ends(ids) if trim else delta,
+        common.live_key_ends(ids) if trim else delta, amask,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1),
+        ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:

@@ -18,6 +18,8 @@ chunk is reloaded per key block.
 fp32 inputs and the split path get Q rotated once up front by the launcher (see rollingq_fwd).
 With dropout (DROPOUT) the probabilities that weight V are masked by kernels/dropout.py's draw and
 the output is scaled by 1 / (1 - p) at the end; l, the LSE and the mass use every probability.
+A user attention mask (MASK, kernels/attn_mask.py) is read per score tile: a bool one hides
+elements like padding keys do, a float one is added to the scaled scores; both shape the mass too.
 """
 
 import torch
@@ -25,6 +27,8 @@ import triton
 import triton.language as tl
 
 from . import common
+from .attn_mask import launch_args as mask_launch_args
+from .attn_mask import mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
@@ -172,7 +176,7 @@ def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.conste
     configs=_configs(),
     # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it.
     key=["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA",
-         "DETERMINISTIC", "DROPOUT", "TRIM"],
+         "DETERMINISTIC", "DROPOUT", "TRIM", "MASK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # drop_thresh: any p compiles to one kernel (a divisible-by-16 hint would split them, unchecked).
@@ -180,12 +184,14 @@ def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.conste
 def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
+    AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
     s_rmb, s_rmm,
     s_ib, s_in,
+    s_ab, s_ah, s_am, s_an,
     H, Lq, Lk, M, GROUP, NUM_WORKERS,
     qk_scale,  # softmax scale * log2(e): the loop works in base 2
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
@@ -199,6 +205,7 @@ def _rollingq_fwd_kernel(
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, STATS: tl.constexpr, SAVE_QROT: tl.constexpr,
     DROPOUT: tl.constexpr,  # drop attention probabilities (the statistics still see them all)
     TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
+    MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
     EVERY_ROW: tl.constexpr,  # ROTATE applies to every row: no row mask, no unrotated Q tile
     SPLIT: tl.constexpr, IEEE: tl.constexpr, MASS_F16: tl.constexpr, KS_N: tl.constexpr,
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (Hopper's bulk copy engine)
@@ -232,6 +239,7 @@ def _rollingq_fwd_kernel(
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
+    amask_base = AMASK + b * s_ab + h.to(tl.int64) * s_ah
     seed = 0  # placeholders without dropout
     bh = 0
     if DROPOUT:
@@ -351,7 +359,13 @@ def _rollingq_fwd_kernel(
         live = ids[None, :] >= 0
         if CAUSAL:
             live = live & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(live, s * qk_scale, float("-inf"))
+        if MASK == 1:
+            live = live & mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
+        if MASK == 2:
+            s = s * qk_scale + mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
+            s = tl.where(live, s, float("-inf"))
+        else:
+            s = tl.where(live, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no live key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -449,7 +463,7 @@ def _d_plan(d: int, split: bool, ieee: bool, arch: int):
 
 
 def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot,
-                 dropout_p=0.0, seed=None):
+                 dropout_p=0.0, seed=None, attn_mask=None):
     """Launch the fused forward.
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (any strides); ids int32 [B, Lk] (stride 0 allowed);
@@ -457,6 +471,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     rot_mask uint8 [B, Lq] (stride 0 allowed) selects the rotated rows, None: every row (when a
     rotation is given). dropout_p in [0, 1) with seed int64 [1] on q's device (kernels/dropout.py):
     the dropped probabilities do not weight v; lse and the statistics are those without dropout.
+    attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
+    [B, H, Lq, Lk], or None (kernels/attn_mask.py).
     Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
@@ -474,6 +490,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         rotate = False
     drop_args = dropout_launch_args(dropout_p, seed, dev)
     trim = common.trims_padding(ids)
+    amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, ids)
     q_rot_out = None
     if save_qrot:
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
@@ -504,14 +521,14 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
-        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse,
+        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1),
+        rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1), *amask_strides,
         H, Lq, Lk, num_modalities, group, workers,
         scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
         CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
-        TRIM=trim,
+        TRIM=trim, MASK=mask_kind,
         EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
         MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
     )

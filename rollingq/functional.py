@@ -53,6 +53,7 @@ def rollingq_attention(
     scale: Optional[float] = None,
     stats: bool = True,
     dropout_p: float = 0.0,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Multimodal attention with RollingQ query rotation and per-modality statistics.
 
@@ -75,6 +76,12 @@ def rollingq_attention(
             probability and the kept ones are scaled by 1 / (1 - dropout_p) (as in SDPA; pass 0
             in evaluation). The statistics are those of the attention without dropout. The masks
             come from a seed drawn from PyTorch's generator on q's device (`dropout_seed`).
+        attn_mask: as SDPA's, broadcastable to [B, H, Lq, Lk]: bool (True = the query may attend
+            the key) or float16/bfloat16/float32 (added to the scaled scores; -inf hides the key,
+            NaN and +inf are refused). It applies on top of the padding ids and `causal`, and
+            the statistics (`attn_mass`) are those of the masked attention. No gradient flows to
+            it (a mask that requires grad is refused). Broadcast dims are read with stride 0, not
+            copied; every score tile reads its part of the mask (no key block is skipped for it).
 
     B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
     (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give
@@ -87,7 +94,7 @@ def rollingq_attention(
             output row and a zero mass row.
     """
     return attention(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats,
-                     dropout_p=dropout_p)
+                     dropout_p=dropout_p, attn_mask=attn_mask)
 
 
 def dropout_seed(device) -> torch.Tensor:
@@ -100,7 +107,8 @@ def dropout_seed(device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: torch.Tensor, num_modalities: int,
               rotation: Rotation = None, rotate_rows: RotateRows = None, causal: bool = False,
               scale: Optional[float] = None, stats: bool = True,
-              ids_in_range: bool = False, dropout_p: float = 0.0) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+              ids_in_range: bool = False, dropout_p: float = 0.0,
+              attn_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
@@ -112,16 +120,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
         dtype = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
             return attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
-                             rotation, rotate_rows, causal, scale, stats, ids_in_range, dropout_p)
+                             rotation, rotate_rows, causal, scale, stats, ids_in_range, dropout_p, attn_mask)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
-                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p)
+                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p, attn_mask=attn_mask)
     if not isinstance(dropout_p, torch.SymFloat):  # a traced value stays symbolic (no recompile per value)
         dropout_p = float(dropout_p)
     if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.
         return rollingq_attention_reference(
-            q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats, dropout_p)
+            q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats, dropout_p,
+            attn_mask=attn_mask)
 
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot (garbage, not an error).
@@ -133,7 +142,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, _, _, mass, key_sum = attention_fwd_op(
         q, k, v, ids, num_modalities, rot, rot_mask, causal, float(D ** -0.5 if scale is None else scale),
-        stats, needs_grad and rot is not None, dropout_p, dropout_seed(q.device) if dropout_p > 0 else None)
+        stats, needs_grad and rot is not None, dropout_p, dropout_seed(q.device) if dropout_p > 0 else None,
+        attn_mask)
     if not stats:
         return out, None
     return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))

@@ -171,13 +171,19 @@ class RollingQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None,
-                need_stats: bool = False) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+                need_stats: bool = False,
+                attn_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
         """
         Args:
             x: [B, L, E], the first `num_fusion_tokens` tokens are the fusion tokens.
             modality_ids: int [L - nf] or [B, L - nf]: modality 0..M-1 of each modality token.
             key_padding_mask: optional bool [B, L - nf], True = padding (ignored as a key).
             need_stats: return the statistics even when no controller is collecting.
+            attn_mask: optional, as nn.MultiheadAttention's: bool, True = the query may NOT attend
+                the key, or float (fp16/bf16/fp32), added to the scaled scores; [L, L] or
+                broadcastable 4-D [B, H, L, L] (queries and keys both over all L tokens, fusion
+                tokens first). It applies on top of key_padding_mask, and the statistics the
+                controller sees are those of the masked attention.
 
         Returns:
             out: [B, L, E].
@@ -195,6 +201,13 @@ class RollingQAttention(nn.Module):
                              f"token, got L = {L}")
         ids = self._modality_ids(modality_ids, key_padding_mask, B, L, x.device)
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
+        if attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() not in (2, 4):
+                shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+                raise ValueError(f"attn_mask must be [L, L] or 4-D broadcastable to [B, H, L, L] = [{B}, {H}, {L}, {L}] "
+                                 f"(nn.MultiheadAttention's [B * H, L, L]: pass it as .view(B, H, L, L)), got {shape}")
+            if attn_mask.dtype == torch.bool:
+                attn_mask = ~attn_mask  # nn.MultiheadAttention's True = masked -> the kernel's True = attend
         # [B, L, H, D] -> [B, H, L, D] views: the kernel reads strided inputs, no copies.
         q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2)
@@ -207,7 +220,7 @@ class RollingQAttention(nn.Module):
         out, stats = functional.attention(
             q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),
             rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats, ids_in_range=True,
-            dropout_p=self.dropout if self.training else 0.0)
+            dropout_p=self.dropout if self.training else 0.0, attn_mask=attn_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
         if report:
             # float32 even under autocast: the controller averages these over a whole epoch.

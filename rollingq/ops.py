@@ -23,14 +23,17 @@ def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, num_modalities: int,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], causal: bool, scale: float,
     stats: bool, save_qrot: bool, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, q_rot, attn_mass, key_sum); the last three are empty when not requested.
-    `seed` (int64 [1]) draws the dropout masks when dropout_p > 0 (kernels/dropout.py)."""
+    `seed` (int64 [1]) draws the dropout masks when dropout_p > 0 (kernels/dropout.py); `attn_mask`
+    (bool or float, broadcastable to [B, H, Lq, Lk]) is the user's mask (kernels/attn_mask.py)."""
     from .kernels.attention_fwd import rollingq_fwd  # Triton is imported when a kernel first runs
 
     with _device_of(q):
         out, lse, q_rot, mass, key_sum = rollingq_fwd(
-            q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p, seed)
+            q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p, seed,
+            attn_mask)
     if q_rot is None:
         q_rot = q.new_empty(_EMPTY)
     elif q_rot.data_ptr() == q.data_ptr():
@@ -44,7 +47,8 @@ def attention_fwd_op(
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p=0.0, seed=None):
+def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p=0.0, seed=None,
+      attn_mask=None):
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     out = q.new_empty((B, H, Lq, D), dtype=v.dtype)
@@ -60,17 +64,18 @@ def attention_bwd_op(
     do: torch.Tensor, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], dropout_p: float = 0.0,
-    seed: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.attention_bwd import attention_bwd
 
     mask = None if rot_mask is None else rot_mask.view(torch.bool)
     with _device_of(q_rot):
-        return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed)
+        return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed,
+                             attn_mask)
 
 
 @attention_bwd_op.register_fake
-def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None):
+def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None, attn_mask=None):
     return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -86,21 +91,21 @@ attention_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot, dropout_p, seed = inputs
+    q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot, dropout_p, seed, attn_mask = inputs
     out, lse, q_rot, mass, key_sum = output
     ctx.mark_non_differentiable(lse, q_rot, mass, key_sum)
     # Without a saved rotated copy, the queries the forward used are q itself.
-    ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask, seed)
+    ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     ctx.rotated = save_qrot and rotation is not None  # rot_mask None: every row
 
 
 def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
-    q_used, k, v, out, lse, ids, rotation, rot_mask, seed = ctx.saved_tensors
+    q_used, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask = ctx.saved_tensors
     dq, dk, dv = attention_bwd_op(
         d_out, q_used, k, v, out, lse, ids, ctx.causal, ctx.scale,
-        rotation if ctx.rotated else None, rot_mask if ctx.rotated else None, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        rotation if ctx.rotated else None, rot_mask if ctx.rotated else None, ctx.dropout_p, seed, attn_mask)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

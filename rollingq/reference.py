@@ -48,6 +48,7 @@ def rollingq_attention_reference(
     stats: bool = True,
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Same signature and semantics as `rollingq.rollingq_attention`, in plain PyTorch.
 
@@ -57,8 +58,10 @@ def rollingq_attention_reference(
     `dropout_mask`: bool [B, H, Lq, Lk], True = kept, the mask to apply when dropout_p > 0 (e.g.
     the kernels' own, `rollingq.kernels.dropout.keep_mask`); None draws one with torch.rand. Kept
     probabilities are scaled by 1 / (1 - dropout_p).
+    `attn_mask`: as `rollingq_attention`'s (bool: True = attend; float: added to the scaled scores).
     """
-    check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p)
+    check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p,
+                 attn_mask=attn_mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -75,6 +78,10 @@ def rollingq_attention_reference(
     visible = live[:, None, None, :]
     if causal:
         visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(acc_dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
     # No keys at all (Lk = 0): every row is a row without a live key.
     row_max = scores.amax(-1, keepdim=True) if Lk else scores.new_zeros(B, H, Lq, 1)

@@ -110,6 +110,7 @@ def check_inputs(
     allowed_dtypes=SUPPORTED_DTYPES + (torch.float64,),
     ids_in_range: bool = False,
     dropout_p: float = 0.0,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> None:
     """Raises on any bad argument. `ids_in_range`: the caller has checked the ids' values already
     (RollingQAttention, which builds them from checked ones)."""
@@ -178,6 +179,30 @@ def check_inputs(
     if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) != float("inf")):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     check_dropout(dropout_p)
+    # float64 masks only for float64 inputs (the reference's exact runs); the kernels read 16/32-bit ones.
+    check_attn_mask(attn_mask, (B, H, Lq, Lk), q.device,
+                    SUPPORTED_DTYPES + ((torch.float64,) if q.dtype == torch.float64 else ()), check_values)
+
+
+def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int], device,
+                    allowed_dtypes=SUPPORTED_DTYPES, check_values: bool = True) -> None:
+    """An attention mask as SDPA takes it: None, or a bool (True = attend) or float (added to the
+    scaled scores) tensor broadcastable to `shape` = [B, H, Lq, Lk], without gradient; a float one
+    must not hold NaN or +inf (-inf hides a key), checked once per tensor version."""
+    if attn_mask is None:
+        return
+    _require(isinstance(attn_mask, torch.Tensor), f"attn_mask must be a torch.Tensor or None, got "
+             f"{type(attn_mask).__name__}", TypeError)
+    _require(attn_mask.dtype == torch.bool or attn_mask.dtype in allowed_dtypes,
+             f"attn_mask must be bool or one of {allowed_dtypes}, got {attn_mask.dtype}", TypeError)
+    _require(attn_mask.dim() <= 4 and all(n in (1, want) for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
+             f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
+    _require(attn_mask.device == device, f"attn_mask must be on {device}, got {attn_mask.device}")
+    _require(not attn_mask.requires_grad, "attn_mask must not require grad: rollingq_attention gives the mask "
+             "no gradient (pass attn_mask.detach())")
+    if check_values and attn_mask.is_floating_point() and attn_mask.numel():
+        _require(checked_values.get(attn_mask, "bias", lambda t: bool((t < float("inf")).all())),
+                 "attn_mask must not hold NaN or +inf (-inf hides a key)")
 
 
 def check_dropout(p, name: str = "dropout_p") -> None:

@@ -7,6 +7,15 @@ CUDA_LARGE_SHAPES = [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, 
                      (2, 1, 1, 300, 300, 768, False), (1, 2, 1, 513, 700, 256, False)]
 # (B, H, Hkv, L, D) of the CUDA-only dropout parity tests (tests/test_dropout.py), also precompiled.
 CUDA_DROPOUT_SHAPES = [(2, 8, 2, 907, 64), (1, 1, 1, 300, 768)]
+# (B, H, Hkv, L, D, mask kind) of the CUDA-only attention-mask parity tests (tests/test_attn_mask.py),
+# also precompiled: a bool mask [B, 1, L, L] or a float one [1, H, L, L] (mask_shape below).
+CUDA_MASK_SHAPES = [(2, 8, 2, 907, 64, "bool"), (1, 2, 1, 300, 768, "float")]
+
+
+def mask_shape(kind: str, B: int, H: int, Lq: int, Lk: int) -> tuple:
+    """The broadcast shape the mask tests give each kind: a per-batch bool mask shared by the heads,
+    a per-head float bias shared by the batch."""
+    return (B, 1, Lq, Lk) if kind == "bool" else (1, H, Lq, Lk)
 
 
 def assert_close_by_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,

@@ -19,9 +19,10 @@ def random_rotation(H, D, gen):
     return Q.float()
 
 
-def manual_forward(m, x, ids_mod, key_padding_mask=None):
+def manual_forward(m, x, ids_mod, key_padding_mask=None, attn_mask=None):
     """The module's computation written out: projections, rotation of the selected rows by hand,
-    ids with the fusion class M and padding -1, the reference attention, the output projection."""
+    ids with the fusion class M and padding -1, the reference attention (with `attn_mask` in its
+    convention, True = attend), the output projection."""
     B, L, E = x.shape
     H, Hkv, D, nf, M = m.num_heads, m.kv_heads, m.head_dim, m.num_fusion_tokens, m.num_modalities
     q = F.linear(x, m.q_proj.weight, m.q_proj.bias).reshape(B, L, H, D).permute(0, 2, 1, 3)
@@ -34,7 +35,7 @@ def manual_forward(m, x, ids_mod, key_padding_mask=None):
     if key_padding_mask is not None:
         ids[key_padding_mask] = -1
     ids = torch.cat([torch.full((B, nf), M, dtype=ids.dtype), ids], dim=1)
-    out, stats = rollingq_attention_reference(q, k, v, ids, M + 1)
+    out, stats = rollingq_attention_reference(q, k, v, ids, M + 1, attn_mask=attn_mask)
     out = out.permute(0, 2, 1, 3).reshape(B, L, H * D)
     q_fusion = rotated[:, :, :nf].mean(2)
     return F.linear(out, m.out_proj.weight, m.out_proj.bias), stats, q_fusion

@@ -1,0 +1,44 @@
+"""The user's attention mask (SDPA's `attn_mask`) inside the kernels.
+
+A mask broadcastable to [B, H, Lq, Lk] reaches the kernels as a stride-0 expanded view (no copy)
+and one of two kinds, a constexpr of every kernel:
+- KEEP (bool): True = the query may attend the key; a False element is hidden like a padding key.
+- BIAS (float): added to the scaled scores before the softmax; -inf hides the key.
+The forward, dK/dV (which walks the transposed tile) and dQ kernels each read the tile they need;
+nothing is derived from it on the host (a mask is data, so no key block is skipped for it).
+"""
+import torch
+import triton
+import triton.language as tl
+
+NONE, KEEP, BIAS = 0, 1, 2
+LOG2E = 1.4426950408889634  # the kernels' scores are in base 2
+
+
+@triton.jit
+def mask_tile(base, rows, cols, rows_ok, cols_ok, s_r, s_c, MASK: tl.constexpr):
+    """The mask over rows x cols: KEEP -> bool (out of range: False), BIAS -> fp32 bias in base 2
+    (out of range: 0, where the caller hides the element anyway)."""
+    ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    if MASK == 1:
+        return tl.load(ptrs, mask=ok, other=0) != 0
+    else:
+        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Tensor):
+    """(tensor, (s_b, s_h, s_q, s_k), kind) for a launcher: the mask expanded to [B, H, Lq, Lk]
+    (broadcast dims get stride 0) and read as uint8 when bool; `stand_in` (any tensor the kernel
+    never reads) when there is no mask."""
+    if attn_mask is None:
+        return stand_in, (0, 0, 0, 0), NONE
+    if attn_mask.dim() > 4 or any(n not in (1, want) for n, want in zip(attn_mask.shape[::-1], (Lk, Lq, H, B))):
+        raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = [{B}, {H}, {Lq}, {Lk}], got "
+                         f"{tuple(attn_mask.shape)}")
+    if attn_mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attn_mask must be bool, float16, bfloat16 or float32, got {attn_mask.dtype}")
+    full = attn_mask.expand(B, H, Lq, Lk)
+    if full.dtype == torch.bool:
+        return full.view(torch.uint8), full.stride(), KEEP
+    return full, full.stride(), BIAS

@@ -1,0 +1,262 @@
+"""The user's attention mask (kernels/attn_mask.py, SDPA's `attn_mask`): forward, statistics and
+gradients against the float64 reference on every kernel path (single program with and without
+descriptors, D split, wide split), both kinds (bool, float bias), broadcast and strided forms,
+rows the mask hides entirely; the convention against SDPA; argument checks; torch.compile; the
+module's nn.MultiheadAttention convention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rollingq
+from rollingq.functional import dropout_seed, uses_kernel
+from rollingq.kernels import attention_bwd as bwd
+from rollingq.kernels import attention_fwd, common
+from rollingq.kernels.dropout import keep_mask
+from rollingq.reference import rollingq_attention_reference
+from tests.numerics import CUDA_MASK_SHAPES, assert_close_by_rule, mask_shape, stats_tol
+
+pytestmark = pytest.mark.kernel
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M = 3
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
+    monkeypatch.setattr(common, "new_buffer",
+                        lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
+def problem(dtype, B, H, Hkv, L, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    ids = torch.randint(-1, M, (B, L), generator=gen).to(DEVICE)
+    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    grad = torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype)
+    return q, k, v, ids, rot, grad
+
+
+def make_mask(kind, shape, dtype, seed, hidden_row=None):
+    """A bool mask (True = attend, about 70%) or a float bias (normal, some -inf), in `shape`;
+    `hidden_row` is hidden entirely (every mask row that broadcasts onto it)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        mask = torch.rand(shape, generator=gen) < 0.7
+    else:
+        mask = 2 * torch.randn(shape, generator=gen)
+        mask[torch.rand(shape, generator=gen) < 0.2] = float("-inf")
+        mask = mask.to(dtype)
+    if hidden_row is not None:
+        mask[..., hidden_row, :] = False if kind == "bool" else float("-inf")
+    return mask.to(DEVICE)
+
+
+def check(dtype, kind, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, seed=0, shape=None, p=0.0,
+          hidden_row=None, mask=None):
+    """Forward, statistics and gradients with the mask against the float64 reference."""
+    q, k, v, ids, rot, grad = problem(dtype, B, H, Hkv, L, D, seed)
+    assert uses_kernel(q.device), "these tests must run the Triton kernels"
+    if mask is None:
+        mask = make_mask(kind, shape or mask_shape(kind, B, H, L, L), dtype, seed, hidden_row)
+    torch.manual_seed(seed)
+    out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=rows, causal=causal,
+                                          dropout_p=p, attn_mask=mask)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    keep = None
+    if p:
+        torch.manual_seed(seed)  # the same draw as the call's: the kernels' dropout mask, rebuilt
+        keep = keep_mask(dropout_seed(q.device), B, H, L, L, p)
+
+    def ref(dt, r):
+        qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        o, s = rollingq_attention_reference(qq, kk, vv, ids, M, r, rows, causal, dropout_p=p, dropout_mask=keep,
+                                            attn_mask=mask)
+        return (o,) + torch.autograd.grad(o, (qq, kk, vv), grad.to(dt)), s
+
+    r64, s64 = ref(torch.float64, None if rot is None else rot.double())
+    rlp, _ = ref(dtype, rot)
+    for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), r64, rlp):
+        assert_close_by_rule(name, got, a, b)
+    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
+    return out, st, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_single_program_path(dtype, kind, tma, monkeypatch):
+    """GQA, padding ids, rotated rows, a row the mask hides; causal on half of the cases."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
+    monkeypatch.setattr(bwd, "USE_TMA", tma)
+    causal = (kind == "bool") == tma
+    check(dtype, kind, causal=causal, D=40 if causal else 16, seed=1 + 2 * tma + (kind == "bool"), hidden_row=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_d_split_path(dtype, monkeypatch):
+    """Heads wider than one program: every D chunk of the output and of dk/dv/dq reads the mask."""
+    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "SPLIT_D_CHUNK", 16),
+                             (attention_fwd, "SPLIT_DV_CHUNK", 32), (attention_fwd, "SPLIT_DV_CHUNK_NARROW", 16),
+                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
+                             (bwd, "NARROW_MAX_RESIDENT_D", 32), (bwd, "SPLIT_D_CHUNK", 16),
+                             (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DKDV_CHUNK_NARROW", 32),
+                             (bwd, "SPLIT_DQ_CHUNK", 16), (bwd, "SPLIT_DQ_CHUNK_IEEE", 16)):
+        monkeypatch.setattr(mod, name, value)
+    check(dtype, "float", D=72, causal=True, rows=9, seed=11)
+
+
+def test_wide_split_path(monkeypatch):
+    """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
+    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "WIDE_CHUNK", 16),
+                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
+                             (bwd, "SPLIT_D_CHUNK", 16), (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DQ_CHUNK", 16),
+                             (bwd, "WIDE_CHUNK", 16)):
+        monkeypatch.setattr(mod, name, value)
+    fwd_kernel = attention_fwd._rollingq_fwd_kernel
+    monkeypatch.setattr(fwd_kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
+    monkeypatch.setattr(fwd_kernel, "cache", {})
+    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ], WIDE=1))
+    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    check(torch.float16, "bool", D=72, rows=9, seed=12)
+
+
+@pytest.mark.parametrize("form", ["keys", "square", "head_keys", "batch_rows", "transposed", "full"])
+def test_broadcast_and_strided_forms(form):
+    """Every broadcastable shape reaches the kernels as a stride-0 view; a transposed view is
+    read through its strides."""
+    B, H, L = 2, 4, 21
+    shapes = {"keys": (L,), "square": (L, L), "head_keys": (1, H, 1, L), "batch_rows": (B, 1, L, 1),
+              "full": (B, H, L, L)}
+    if form == "transposed":
+        mask = make_mask("float", (B, H, L, L), torch.float32, 5).transpose(-1, -2)
+        assert not mask.is_contiguous()
+    else:
+        mask = make_mask("float" if form in ("square", "batch_rows") else "bool", shapes[form], torch.float32, 5)
+    check(torch.float32, None, B=B, H=H, L=L, mask=mask, seed=13, causal=form == "square")
+
+
+def test_with_dropout():
+    """Both masks at once: the dropout draw acts on the attention the user's mask leaves."""
+    check(torch.float16, "bool", D=24, p=0.3, seed=14, hidden_row=3)
+
+
+def test_hidden_rows_are_zero_and_finite():
+    """A query row that the mask (or the mask with the padding ids) leaves no key gets a zero
+    output, a zero mass row and zero gradients: no NaN, as for rows without a live key."""
+    q, k, v, ids, _, grad = problem(torch.float32, 1, 2, 2, 19, 16, 15)
+    for kind in ("bool", "float"):
+        mask = make_mask(kind, (1, 2, 19, 19), torch.float32, 16, hidden_row=4)
+        out, st = rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+        assert torch.isfinite(dv).all()
+        assert (out[:, :, 4] == 0).all() and (st.attn_mass[:, :, 4] == 0).all() and (dq[:, :, 4] == 0).all()
+
+
+def test_neutral_masks_change_nothing():
+    """An all-True bool mask and an all-zero bias give bit for bit the results without a mask."""
+    q, k, v, ids, rot, grad = problem(torch.float32, 2, 2, 1, 23, 16, 17)
+    base = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2)
+    base_g = torch.autograd.grad(base[0], (q, k, v), grad)
+    for mask in (torch.ones(23, 23, dtype=torch.bool, device=DEVICE), torch.zeros(23, 23, device=DEVICE)):
+        out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, attn_mask=mask)
+        assert torch.equal(out, base[0]) and torch.equal(st.attn_mass, base[1].attn_mass)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), base_g):
+            assert torch.equal(a, b)
+    # ... and a mask that hides something changes the output.
+    hide = torch.ones(23, 23, dtype=torch.bool, device=DEVICE).tril()
+    assert not torch.equal(rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=hide)[0],
+                           rollingq.rollingq_attention(q, k, v, ids, M)[0])
+
+
+def test_convention_matches_sdpa():
+    """True = attend and a float mask added to the scaled scores, as in
+    torch.nn.functional.scaled_dot_product_attention (no padding ids, no rotation)."""
+    gen = torch.Generator().manual_seed(18)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=gen).to(DEVICE) for _ in range(3))
+    ids = torch.zeros(17, dtype=torch.long, device=DEVICE)
+    for mask in (torch.rand(2, 1, 17, 17, generator=gen).to(DEVICE) < 0.6,
+                 torch.randn(1, 3, 17, 17, generator=gen).to(DEVICE)):
+        if mask.dtype == torch.bool:
+            mask[..., 0] = True  # SDPA gives NaN on a row with no key; rollingq gives zeros
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 1, attn_mask=mask, scale=0.3)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        assert (out - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (torch.ones(2, 2, 5, 9, dtype=torch.bool), ValueError, "broadcast"),
+    (torch.ones(9, 8, dtype=torch.bool), ValueError, "broadcast"),
+    (torch.ones(1, 1, 1, 9, 9, dtype=torch.bool), ValueError, "broadcast"),
+    (torch.ones(9, 9, dtype=torch.int32), TypeError, "attn_mask must be bool"),
+    (torch.zeros(9, 9, dtype=torch.float64), TypeError, "attn_mask must be bool"),
+    (torch.zeros(9, 9, requires_grad=True), ValueError, "require grad"),
+    (torch.tensor([[float("nan")] * 9] * 9), ValueError, "NaN"),
+    (torch.full((9, 9), float("inf")), ValueError, "NaN"),
+    ([[True] * 9] * 9, TypeError, "attn_mask must be a torch.Tensor"),
+])
+def test_bad_masks(bad, exc, match):
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 1, 9, 16, 19)
+    if isinstance(bad, torch.Tensor):
+        bad = bad.to(DEVICE)
+    with pytest.raises(exc, match=match):
+        rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=bad)
+    with pytest.raises(exc, match=match):
+        rollingq_attention_reference(q, k, v, ids, M, attn_mask=bad)
+
+
+def test_launchers_check_the_mask():
+    q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 1, 9, 16, 20)
+    with pytest.raises(ValueError, match="attn_mask"):
+        attention_fwd.rollingq_fwd(q.detach(), k.detach(), v.detach(), ids.to(torch.int32), M, None, None, False,
+                                   0.25, False, False, attn_mask=torch.ones(3, 9, dtype=torch.bool, device=DEVICE))
+
+
+def test_torch_compile_fullgraph():
+    """Traced with the mask as a graph input: equal to eager, forward and gradients."""
+    q, k, v, ids, rot, grad = problem(torch.float32, 1, 2, 2, 16, 16, 21)
+    mask = make_mask("float", (16, 16), torch.float32, 21)
+
+    def f(q, k, v, mask):
+        return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, attn_mask=mask)[0]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = []
+    for fn in (f, compiled):
+        out = fn(q, k, v, mask)
+        got.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+def test_module_follows_multihead_attention():
+    """RollingQAttention's attn_mask as nn.MultiheadAttention's: bool True = masked; a float mask
+    is added. The bool mask and its -inf bias equal each other and the reference by hand."""
+    from tests.test_module import manual_forward
+
+    gen = torch.Generator().manual_seed(22)
+    m = rollingq.RollingQAttention(32, 4, 2, num_fusion_tokens=1).to(DEVICE)
+    x = torch.randn(2, 9, 32, generator=gen).to(DEVICE)
+    ids = torch.randint(0, 2, (8,), generator=gen).to(DEVICE)
+    masked = torch.rand(9, 9, generator=gen).to(DEVICE) < 0.3
+    masked.fill_diagonal_(False)
+    bias = torch.zeros(9, 9, device=DEVICE).masked_fill(masked, float("-inf"))
+    with torch.no_grad():
+        by_bool, st = m(x, ids, attn_mask=masked, need_stats=True)
+        by_bias, _ = m(x, ids, attn_mask=bias)
+        plain, _ = m(x, ids)
+        want, want_st, _ = manual_forward(m.cpu(), x.cpu(), ids.cpu(), attn_mask=~masked.cpu())
+    assert torch.allclose(by_bool, by_bias, atol=1e-6) and not torch.allclose(by_bool, plain, atol=1e-3)
+    assert torch.allclose(by_bool.cpu(), want, atol=1e-5)
+    assert torch.allclose(st.attn_mass.cpu().double(), want_st.attn_mass.double(), atol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        m.to(DEVICE)(x, ids, attn_mask=torch.zeros(8, 9, 9, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_MASK_SHAPES)
+def test_parity_cuda_large(dtype, shape):
+    """Real tiles and the autotuner's choice on the GPU (bf16 too), with a dense rotation of 5 rows."""
+    B, H, Hkv, L, D, kind = shape
+    check(dtype, kind, B=B, H=H, Hkv=Hkv, L=L, D=D, rows=5, seed=D, hidden_row=7)
