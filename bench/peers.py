@@ -21,6 +21,8 @@ Opt-in (EXTRA_IMPL_ORDER, run with ROLLINGQ_BENCH_EXTRA=1, not by gpu_check.sh),
 - `rollingq_varlen_fwd(bwd)`: per-batch ids, batch row b padded at the end after
   L - floor(b L / 2B) keys (lengths spread over [L/2, L]); credited the padded shape's FLOPs, so
   the ratio is what skipping trailing padding saves (predicted ~0.75x of the time non-causal).
+- `rollingq_mask_fwd(bwd)`: with a bool attention mask [L, L] shared by the batch and heads
+  (`attn_mask_of`: about 90% True, no empty row); the ratio is the cost of reading the mask per tile.
 
 The peers compute plain attention (no rotation, no statistics): the targets of design.md compare the
 product against them. Outcomes that are not measurements become records, never test errors:
@@ -57,6 +59,7 @@ class Impl:
     dense_rotation: bool = False  # rollingq only: a general rotation instead of the factored plane one
     dropout: float = 0.0  # rollingq only: attention dropout probability
     varlen: bool = False  # rollingq only: per-batch ids, rows padded at the end (see varlen_ids)
+    mask: bool = False  # rollingq only: a bool attention mask [L, L] (see attn_mask_of)
 
 
 _IMPL_LIST = (
@@ -79,6 +82,8 @@ _EXTRA_IMPL_LIST = (
     Impl("rollingq_dropout_fwdbwd", "rollingq", "fwdbwd", dropout=0.1),
     Impl("rollingq_varlen_fwd", "rollingq", "fwd", varlen=True),
     Impl("rollingq_varlen_fwdbwd", "rollingq", "fwdbwd", varlen=True),
+    Impl("rollingq_mask_fwd", "rollingq", "fwd", mask=True),
+    Impl("rollingq_mask_fwdbwd", "rollingq", "fwdbwd", mask=True),
 )
 IMPLS: Dict[str, Impl] = {i.name: i for i in _IMPL_LIST + _EXTRA_IMPL_LIST}
 IMPL_ORDER = tuple(i.name for i in _IMPL_LIST)
@@ -118,14 +123,22 @@ def _build_rollingq(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     rotation = (inp.dense_rotation if impl.dense_rotation else inp.rotation) if impl.stats else None
     rotate_rows = s.seq_len if impl.stats else None
     ids = varlen_ids(inp.modality_ids, s.batch) if impl.varlen else inp.modality_ids
+    attn_mask = attn_mask_of(s.seq_len, inp.q.device) if impl.mask else None
 
     def forward() -> torch.Tensor:
         out, _ = rollingq.rollingq_attention(
-            inp.q, inp.k, inp.v, ids, s.num_modalities, rotation=rotation,
-            rotate_rows=rotate_rows, causal=s.causal, scale=None, stats=impl.stats, dropout_p=impl.dropout)
+            inp.q, inp.k, inp.v, ids, s.num_modalities, rotation=rotation, rotate_rows=rotate_rows,
+            causal=s.causal, scale=None, stats=impl.stats, dropout_p=impl.dropout, attn_mask=attn_mask)
         return out
 
     return forward
+
+
+def attn_mask_of(length: int, device) -> torch.Tensor:
+    """bool [L, L], True = attend: query i skips key j when (i + j) % 10 == 9 (about 90% kept; the
+    diagonal stays, so no row is empty). Built once, outside the timing."""
+    i = torch.arange(length, device=device)
+    return (i[:, None] + i[None, :]) % 10 != 9
 
 
 def varlen_ids(modality_ids: torch.Tensor, batch: int) -> torch.Tensor:

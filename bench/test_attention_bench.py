@@ -72,11 +72,11 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
 
 
 @pytest.mark.skipif(os.environ.get("ROLLINGQ_BENCH_EXTRA", "") in ("", "0"),
-                    reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout and with padded rows")
+                    reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout, padded rows and a mask")
 @pytest.mark.parametrize("shape_name,impl", EXTRA_CASES, ids=[f"{s}-{i}" for s, i in EXTRA_CASES])
 def test_attention_extra(cuda_device, benchmark, bench_record, shape_name, impl):
-    """rollingq with attention dropout 0.1, and with rows padded at the end (peers.EXTRA_IMPL_ORDER):
-    after every other case, and not in gpu_check.sh."""
+    """rollingq with attention dropout 0.1, with rows padded at the end, and with a bool attention
+    mask (peers.EXTRA_IMPL_ORDER): after every other case, and not in gpu_check.sh."""
     rec = benchmark.pedantic(peers.measure_case, args=(shapes.BY_NAME[shape_name], impl, cuda_device),
                              rounds=1, iterations=1)
     bench_record(benchmark, rec)

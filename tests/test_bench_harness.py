@@ -130,6 +130,13 @@ def test_short_reason_prefers_the_resource_line():
     assert len(peers.short_reason(ValueError("x" * 500), limit=50)) == 50
 
 
+def test_bench_attn_mask_keeps_every_row_live():
+    mask = peers.attn_mask_of(40, "cpu")
+    assert mask.shape == (40, 40) and mask.diagonal().all()
+    assert abs(mask.float().mean().item() - 0.9) < 0.01
+    assert summarize.family_of("rollingq_mask_fwdbwd") == "rollingq"
+
+
 def test_varlen_ids_pad_rows_at_the_end():
     ids = peers.varlen_ids(torch.arange(8) % 2, 4)
     assert ids.shape == (4, 8) and ((ids >= 0).sum(1)).tolist() == [8, 7, 6, 5]
