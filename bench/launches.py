@@ -37,12 +37,14 @@ class Problem(NamedTuple):
     dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
     dropout: float = 0.0  # attention dropout probability
     trim: Optional[bool] = None  # force the key loops' trailing-padding trim on or off (None: the launchers decide)
+    mask: Optional[str] = None  # user attention mask: None, "bool" (keep) or "float" (bias), tests.numerics.mask_shape
 
 
 def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
-             dense=False, dropout=0.0, trim=None):
+             dense=False, dropout=0.0, trim=None, mask=None):
+    assert mask in (None, "bool", "float"), mask
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
-                   stats, grad, dense, dropout, trim)
+                   stats, grad, dense, dropout, trim, mask)
 
 
 # The inspection set: every D class and path, the heaviest variant (rotation, statistics, backward).
@@ -65,6 +67,16 @@ CHECK_PROBLEMS = (
     _problem("H16_L4096_D128_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1),
     _problem("H4_L2048_D256_dropout", 1, 4, 4, 2048, 2048, 256, False, 2, dropout=0.1),
     _problem("paper_L907_D768_dropout", 1, 1, 1, 907, 907, 768, False, 3, dropout=0.1),
+    # The user's attention mask (SDPA's attn_mask): a bool keep mask [B, 1, Lq, Lk] or a float bias
+    # [1, H, Lq, Lk] (tests.numerics.mask_shape), read as a tile in the forward and both backward kernels.
+    *(_problem(f"{name}_mask_{kind}", 1, h, h, length, length, d, causal, m, mask=kind)
+      for name, h, length, d, causal, m in (("H12_L907_D64", 12, 907, 64, False, 3),
+                                            ("H16_L4096_D128_causal", 16, 4096, 128, True, 2),
+                                            ("H4_L2048_D256", 4, 2048, 256, False, 2),
+                                            ("paper_L907_D768", 1, 907, 768, False, 3))
+      for kind in ("bool", "float")),
+    _problem("H16_L4096_D128_causal_mask_bool_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1,
+             mask="bool"),
 )
 
 
@@ -75,7 +87,7 @@ def gpu_check_problems() -> List[Problem]:
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
     from bench.shapes import GPU_SHAPES, MEMORY_SHAPE
-    from tests.numerics import CUDA_DROPOUT_SHAPES, CUDA_LARGE_SHAPES
+    from tests.numerics import CUDA_DROPOUT_SHAPES, CUDA_LARGE_SHAPES, CUDA_MASK_SHAPES
 
     out = []
     for s in GPU_SHAPES + (MEMORY_SHAPE,):
@@ -93,6 +105,9 @@ def gpu_check_problems() -> List[Problem]:
     for b, h, hkv, length, d in CUDA_DROPOUT_SHAPES:  # tests/test_dropout.py: 5 rows, dense rotation
         out.append(_problem(f"test_dropout_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
                             per_batch=True, rotate_rows=5, dense=True, dropout=0.2))
+    for b, h, hkv, length, d, kind in CUDA_MASK_SHAPES:  # tests/test_attn_mask.py: 5 rows, dense rotation
+        out.append(_problem(f"test_mask_{kind}_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
+                            per_batch=True, rotate_rows=5, dense=True, mask=kind))
     # tests/test_trailing_padding.py on CUDA: trimmed, and the same launches without the trim.
     for causal in (False, True):
         for trim in (True, False):
@@ -129,19 +144,27 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     scale = p.head_dim ** -0.5
     save = p.grad and rot is not None
     seed = torch.zeros(1, dtype=torch.int64) if p.dropout else None
+    attn_mask = None
+    if p.mask is not None:  # only its dtype and (broadcast) strides reach the kernels, not its values
+        if _ROOT not in sys.path:
+            sys.path.insert(0, _ROOT)
+        from tests.numerics import mask_shape
+
+        shape = mask_shape(p.mask, p.batch, p.heads, p.lq, p.lk)
+        attn_mask = torch.ones(shape, dtype=torch.bool) if p.mask == "bool" else torch.zeros(shape, dtype=dtype)
     forced = contextlib.nullcontext() if p.trim is None else mock.patch.object(common, "trims_padding",
                                                                                lambda ids: p.trim)
     with forced, captured_launches(fwd, ["_rollingq_fwd_kernel"]) as launches, \
             captured_launches(rotate, ROTATE_KERNELS) as rotations:
         out, lse, q_rot, _, _ = fwd.rollingq_fwd(q, k, v, ids32, p.modalities, rot, rot_mask, p.causal, scale,
-                                                 p.stats, save, p.dropout, seed)
+                                                 p.stats, save, p.dropout, seed, attn_mask)
     launches = rotations + launches
     if p.grad:  # what rollingq/ops.py saves for and hands to the backward
         q_used = q_rot.contiguous() if save else q
         with forced, captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
                 captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
-                              None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed)
+                              None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed, attn_mask)
         launches += rec + rotations
     return launches
 

@@ -91,6 +91,7 @@ _IEEE_DKDV = {
     "ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)],
     "ieee-split": [(16, 32, 8, 2)],
     ("ieee-split", "dropout"): [(16, 16, 4, 2)],  # for dropout launches, whose draw spills the row above
+    ("ieee-split", "mask"): [(16, 16, 8, 2)],  # for mask launches (sm_80: the dropout row spills with a mask)
 }
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
@@ -127,12 +128,21 @@ _DQ_TABLE = {
         **_IEEE_DQ,
     },
 }
-# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop: the rows that spill with it
-# are not offered to them (bench/inspect_kernels.py --only dropout, fp16/bf16/fp32), and where a class
-# loses every row its (class, "dropout") list in the table stands in.
+# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
+# (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
+# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32), and where a class loses
+# every row its (class, "dropout") or (class, "mask") list in the table stands in.
 _DKDV_DROPOUT_SPILLS = {90: {128: [(32, 128, 8, 2)], "split": [(64, 64, 8, 1)], "ieee-split": [(16, 32, 8, 2)]},
                         80: {64: [(32, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}}
 _DQ_DROPOUT_SPILLS = {90: {256: [(128, 32, 8, 2)]}}
+_DKDV_SPILLS = {"dropout": _DKDV_DROPOUT_SPILLS,
+                "mask": {90: {"split": [(64, 64, 8, 1)]},
+                         80: {64: [(32, 64, 8, 2)], 128: [(64, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}},
+                # dropout's fp32 stand-in spills with a mask on sm_80 (24-36 B); mask's stands in for both
+                "mask+dropout": {arch: {"ieee-split": [(16, 16, 4, 2)]} for arch in (90, 80)}}
+_DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
+              "mask": {90: {256: [(128, 32, 8, 2), (64, 64, 8, 2)]}},
+              "mask+dropout": {90: {128: [(128, 64, 8, 2)]}}}
 # dQ's wide-split rows (WIDE_CHUNK accumulators), offered beside the "split" class where it applies.
 _DQ_WIDE = {90: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]}
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
@@ -163,19 +173,21 @@ def _row(c: triton.Config) -> tuple:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def _pruner(table, wide_table=None, dropout_spills=None):
-    """Keep the launch's class list for the card (less the rows `dropout_spills` names, on dropout
-    launches); with `wide_table`, also its wide-split rows where that split applies (16-bit split
-    heads up to WIDE_MAX_D, no in-kernel rotation epilogue)."""
+def _pruner(table, wide_table=None, spills=None):
+    """Keep the launch's class list for the card (less the rows `spills` names for the launch's
+    dropout and mask, plus their stand-in rows); with `wide_table`, also its wide-split rows where
+    that split applies (16-bit split heads up to WIDE_MAX_D, no in-kernel rotation epilogue)."""
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
         cls = _d_class(kwargs["SPLIT"], width, kwargs["IEEE"])
         keep = table[target_arch()][cls]
-        if kwargs.get("DROPOUT") and dropout_spills:
-            keep = [r for r in keep if r not in dropout_spills.get(target_arch(), {}).get(cls, [])] \
-                + table[target_arch()].get((cls, "dropout"), [])
+        extras = common.launch_extras(kwargs)
+        if extras and spills:
+            spilling = common.spill_rows(spills, extras, target_arch()).get(cls, [])
+            stand_ins = [r for extra in extras for r in table[target_arch()].get((cls, extra), [])]
+            keep = [r for r in keep + stand_ins if r not in spilling]
         chosen = [c for c in configs if not c.kwargs.get("WIDE") and _row(c) in keep]
         if dict(named_args, **kwargs).get("DETERMINISTIC"):  # one fixed config (common.deterministic)
             return [c for c in chosen if _row(c) == keep[0]] or configs[-1:]
@@ -532,7 +544,7 @@ def table_configs(table, wide_table=None) -> List[triton.Config]:
                                                             WIDE=1)
 
 
-def _autotuned(kernel, table, interp_row, key, wide_table=None, dropout_spills=None):
+def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None):
     """Autotune over `table_configs` (the interpreter: its one row)."""
     if interpreting():
         configs = _to_configs([interp_row], **({} if wide_table is None else {"WIDE": 0}))
@@ -541,17 +553,17 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None, dropout_spills=N
     return triton.autotune(
         configs=configs,
         key=key,
-        prune_configs_by={"early_config_prune": _pruner(table, wide_table, dropout_spills)},
+        prune_configs_by={"early_config_prune": _pruner(table, wide_table, spills)},
     )(kernel)
 
 
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "DETERMINISTIC", "DROPOUT", "MASK"], dropout_spills=_DKDV_DROPOUT_SPILLS)
+                        "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
                       "DETERMINISTIC", "DROPOUT", "TRIM", "MASK"],
-                     _DQ_WIDE, _DQ_DROPOUT_SPILLS)
+                     _DQ_WIDE, _DQ_SPILLS)
 
 
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:

@@ -73,6 +73,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", "wide"): [(64, 16, 8, 2), (64, 16, 8, 3)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 1)],
+        ("fp32", 128, "mask+dropout"): [(32, 16, 8, 1)],
         ("fp32", 256): [(32, 16, 8, 1)],
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
@@ -86,13 +87,21 @@ FWD_CONFIGS_BY_ARCH = {
         ("fp32", "split"): [(16, 16, 8, 1)],
     },
 }
-# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop: the rows that spill with it
-# are not offered to them (bench/inspect_kernels.py --only dropout, fp16/bf16/fp32), and where a class
-# loses every row its ("dropout") list in FWD_CONFIGS_BY_ARCH stands in.
+# Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
+# (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
+# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32), and where a class loses
+# every row its (..., "dropout") or (..., "mask+dropout") list in FWD_CONFIGS_BY_ARCH stands in.
 FWD_DROPOUT_SPILLS = {
     90: {("16bit", 128, "tma"): [(128, 128, 8, 3)], ("16bit", "split"): [(64, 64, 8, 1)]},
     80: {("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},
 }
+FWD_MASK_SPILLS = {
+    90: {("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3)], ("16bit", 128, "tma"): [(128, 128, 8, 3)],
+         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1)]},
+    80: {("16bit", 64): [(128, 64, 8, 3)], ("16bit", "split"): [(64, 32, 8, 1)]},
+}
+FWD_SPILLS = {"dropout": FWD_DROPOUT_SPILLS, "mask": FWD_MASK_SPILLS,
+              "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2)], ("fp32", 128): [(32, 32, 8, 1)]}}}
 INTERPRET_CONFIG = (16, 16, 4, 1)
 
 
@@ -128,13 +137,14 @@ def _prune(configs, named_args, **kwargs):
     args = dict(named_args, **kwargs)
     table = FWD_CONFIGS_BY_ARCH[target_arch()]
     prec, cls = _d_class(args["HEAD_D"], args["SPLIT"], args["IEEE"])
-    dropout = bool(args.get("DROPOUT"))
-    spills = FWD_DROPOUT_SPILLS.get(target_arch(), {}) if dropout else {}
+    extras = common.launch_extras(args)
+    spills = common.spill_rows(FWD_SPILLS, extras, target_arch())
 
     def rows_of(k):
         return [t for t in table.get(k, []) if t not in spills.get(k, [])]
 
-    rows = rows_of((prec, cls)) + (table.get((prec, cls, "dropout"), []) if dropout else [])
+    stand_ins = [t for extra in extras for t in table.get((prec, cls, extra), [])]
+    rows = [t for t in rows_of((prec, cls)) + stand_ins if t not in spills.get((prec, cls), [])]
     wanted = {(t, 0) for t in rows + (rows_of((prec, cls, "tma")) if args["TMA"] else [])}
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}

@@ -50,6 +50,24 @@ def live_key_ends(ids):
     return ends.to(torch.int32).expand(ids.shape[0]).contiguous()
 
 
+def launch_extras(args) -> list:
+    """The per-element work a launch adds to its loop, as the pruners' spill tables and stand-in
+    rows name it: "dropout" (DROPOUT), "mask" (MASK), and also "mask+dropout" when both are on
+    (rows that spill only with the two together)."""
+    names = [name for name, flag in (("dropout", "DROPOUT"), ("mask", "MASK")) if args.get(flag)]
+    return names + (["mask+dropout"] if len(names) == 2 else [])
+
+
+def spill_rows(tables: dict, extras: list, arch: int) -> dict:
+    """{class: rows} that spill registers for a launch with `extras`: the union of
+    tables[extra][arch] over its extras."""
+    rows: dict = {}
+    for extra in extras:
+        for cls, lst in tables.get(extra, {}).get(arch, {}).items():
+            rows.setdefault(cls, []).extend(lst)
+    return rows
+
+
 def new_buffer(shape, device, dtype):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
     tests swap in NaN-filled buffers, so an unwritten element fails them."""

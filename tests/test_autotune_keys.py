@@ -12,7 +12,8 @@ from rollingq.kernels.common import tune_length
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0, dtype=torch.float16):
+def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0, dtype=torch.float16,
+                       mask=None):
     """(autotuner, positional arguments by name, keyword arguments) of each autotuned launch of one
     forward and backward, recorded from the launchers on CPU tensors (bench/launches.py)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -23,16 +24,16 @@ def autotuned_launches(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, d
     import triton
 
     p = _problem("keys", 2, heads, kv_heads, lq, lk, head_dim, causal, 3, per_batch=True, rotate_rows=5,
-                 dropout=dropout)
+                 dropout=dropout, mask=mask)
     return [(launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)), launch.kwargs)
             for launch in record(p, dtype) if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner)]
 
 
-def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0):
+def autotune_keys(lq, lk, causal=False, head_dim=64, heads=4, kv_heads=2, dropout=0.0, mask=None):
     """{kernel name: the key its autotuner would look up}, computed from the recorded launch
     arguments as `triton.runtime.autotuner.Autotuner.run` computes it."""
     keys = {}
-    for at, named, kwargs in autotuned_launches(lq, lk, causal, head_dim, heads, kv_heads, dropout):
+    for at, named, kwargs in autotuned_launches(lq, lk, causal, head_dim, heads, kv_heads, dropout, mask=mask):
         args = dict(named, **kwargs)
         assert all(name in args for name in at.keys), f"{at.base_fn.__name__}: a key argument is not passed"
         key = [args[name] for name in at.keys] + [str(a.dtype) for a in args.values() if hasattr(a, "dtype")]
@@ -170,3 +171,52 @@ def test_dropout_stand_in_rows(arch, head_dim, dtype, kernel, row):
                 assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen] == [row]
                 return
     raise AssertionError(f"no {kernel} launch")
+
+
+def _pruned_rows(every, mask, dropout=0.0, head_dim=64, dtype=torch.float16):
+    return {at.base_fn.__name__: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                  for c in at.early_config_prune(every[at.base_fn.__name__], named, **kwargs)
+                                  if not c.kwargs.get("WIDE")]
+            for at, named, kwargs in autotuned_launches(907, 907, head_dim=head_dim, dropout=dropout, dtype=dtype,
+                                                        mask=mask)}
+
+
+@pytest.mark.parametrize("head_dim", [64, 256, 768])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_launches_skip_the_rows_that_spill_with_it(head_dim, kind):
+    """The mask (either kind) is in every key, and its launches are offered the class lists less
+    the rows that spill with a mask tile in the loop (sm_90, 16-bit: bench/inspect_kernels.py
+    --only mask)."""
+    from rollingq.kernels import attention_bwd, attention_fwd
+    from rollingq.kernels.common import planning_for
+
+    split = head_dim > 256
+    fwd_cls = attention_fwd._d_class(head_dim, split, False)
+    bwd_cls = "split" if split else head_dim
+    masks = {"_rollingq_fwd_kernel": attention_fwd.FWD_MASK_SPILLS[90],
+             "_bwd_dkdv_kernel": attention_bwd._DKDV_SPILLS["mask"][90],
+             "_bwd_dq_kernel": attention_bwd._DQ_SPILLS["mask"][90]}
+    spills = {name: set(t.get(fwd_cls if name == "_rollingq_fwd_kernel" else bwd_cls, [])) for name, t in masks.items()}
+    every = _every_config()
+    with planning_for(90):
+        plain, masked = _pruned_rows(every, None, head_dim=head_dim), _pruned_rows(every, kind, head_dim=head_dim)
+        plain_keys, mask_keys = autotune_keys(907, 907, head_dim=head_dim), \
+            autotune_keys(907, 907, head_dim=head_dim, mask=kind)
+    for name in plain:
+        assert plain_keys[name] != mask_keys[name], name
+        assert masked[name] and masked[name] == [r for r in plain[name] if r not in spills[name]], name
+    assert sum(len(set(plain[n]) - set(masked[n])) for n in plain) > 0  # each has a row that spills with a mask
+    with planning_for(90):
+        assert autotune_keys(907, 907, mask="bool") != autotune_keys(907, 907, mask="float")
+
+
+@pytest.mark.parametrize("arch, head_dim, dtype, dropout, kernel, row", [
+    (90, 128, torch.float32, 0.1, "_rollingq_fwd_kernel", (32, 16, 8, 1)),
+    (80, 256, torch.float32, 0.0, "_bwd_dkdv_kernel", (16, 16, 8, 2)),
+])
+def test_mask_stand_in_rows(arch, head_dim, dtype, dropout, kernel, row):
+    """Where a mask (with dropout) spills every row of a class, those launches get the stand-in row."""
+    from rollingq.kernels.common import planning_for
+
+    with planning_for(arch):
+        assert _pruned_rows(_every_config(), "bool", dropout, head_dim, dtype)[kernel] == [row]
