@@ -260,3 +260,23 @@ def test_parity_cuda_large(dtype, shape):
     """Real tiles and the autotuner's choice on the GPU (bf16 too), with a dense rotation of 5 rows."""
     B, H, Hkv, L, D, kind = shape
     check(dtype, kind, B=B, H=H, Hkv=Hkv, L=L, D=D, rows=5, seed=D, hidden_row=7)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_cross_attention_lengths(kind):
+    """Lq != Lk (cross-attention): the mask's rows follow the queries, its columns the keys."""
+    gen = torch.Generator().manual_seed(23)
+    B, H, Hkv, Lq, Lk, D = 2, 2, 1, 19, 30, 16
+    q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    ids = torch.randint(-1, M, (B, Lk), generator=gen).to(DEVICE)
+    grad = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE)
+    mask = make_mask(kind, (B, 1, Lq, Lk), torch.float32, 23, hidden_row=2)
+    out, st = rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=mask)
+    got = (out,) + torch.autograd.grad(out, (q, k, v), grad)
+    qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64, s64 = rollingq_attention_reference(qq, kk, vv, ids, M, attn_mask=mask)
+    want = (o64,) + torch.autograd.grad(o64, (qq, kk, vv), grad.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert (a.double() - b).abs().max().item() < 1e-5, name
+    assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() < 1e-5
