@@ -144,7 +144,7 @@ def _prune(configs, named_args, **kwargs):
         return [t for t in table.get(k, []) if t not in spills.get(k, [])]
 
     stand_ins = [t for extra in extras for t in table.get((prec, cls, extra), [])]
-    rows = [t for t in rows_of((prec, cls)) + stand_ins if t not in spills.get((prec, cls), [])]
+    rows = [t for t in table.get((prec, cls), []) + stand_ins if t not in spills.get((prec, cls), [])]
     wanted = {(t, 0) for t in rows + (rows_of((prec, cls, "tma")) if args["TMA"] else [])}
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}

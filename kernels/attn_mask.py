@@ -13,12 +13,15 @@ import triton.language as tl
 
 NONE, KEEP, BIAS = 0, 1, 2
 LOG2E = 1.4426950408889634  # the kernels' scores are in base 2
+MAX_SLICE_OFFSET = 2 ** 31  # element offsets within one (batch, head) slice stay below this (mask_tile)
 
 
 @triton.jit
 def mask_tile(base, rows, cols, rows_ok, cols_ok, s_r, s_c, MASK: tl.constexpr):
     """The mask over rows x cols: KEEP -> bool (out of range: False), BIAS -> fp32 bias in base 2
-    (out of range: 0, where the caller hides the element anyway)."""
+    (out of range: 0, where the caller hides the element anyway). Offsets within a (batch, head)
+    slice are 32-bit (launch_args checks that they fit): 64-bit ones per element spill registers
+    (sm_90 dK/dV D64 BM64 BN128, 16-bit: 96 B; fp32 dK/dV: 8-48 B)."""
     ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
     ok = rows_ok[:, None] & cols_ok[None, :]
     if MASK == 1:
@@ -39,6 +42,10 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
     if attn_mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attn_mask must be bool, float16, bfloat16 or float32, got {attn_mask.dtype}")
     full = attn_mask.expand(B, H, Lq, Lk)
+    if max(Lq - 1, 0) * full.stride(2) + max(Lk - 1, 0) * full.stride(3) >= MAX_SLICE_OFFSET:
+        raise ValueError(f"attn_mask: the kernels address one (batch, head) slice of the mask with 32-bit "
+                         f"offsets, and this one's [Lq, Lk] = [{Lq}, {Lk}] slice with strides "
+                         f"{full.stride()[2:]} spans 2^31 elements or more; pass a smaller mask or split Lq")
     if full.dtype == torch.bool:
         return full.view(torch.uint8), full.stride(), KEEP
     return full, full.stride(), BIAS

@@ -280,3 +280,18 @@ def test_cross_attention_lengths(kind):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert (a.double() - b).abs().max().item() < 1e-5, name
     assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() < 1e-5
+
+
+def test_mask_slices_beyond_32_bit_offsets_are_refused():
+    """A [L, L] slice from L = 46341 on spans 2^31 elements: refused by the launchers with an error
+    that names the mask, rather than addressed wrongly (meta tensors: no memory is allocated)."""
+    from rollingq.kernels.attn_mask import launch_args
+
+    stand_in = torch.empty(1)
+    big = torch.empty_strided((46341, 46341), (46341, 1), device="meta", dtype=torch.bool)
+    with pytest.raises(ValueError, match="attn_mask.*2\\^31"):
+        launch_args(big, 1, 1, 46341, 46341, stand_in)
+    fits = torch.empty_strided((46340, 46340), (46340, 1), device="meta", dtype=torch.bool)
+    assert launch_args(fits, 2, 3, 46340, 46340, stand_in)[2] == 1
+    shared = torch.empty_strided((1, 10 ** 6), (0, 1), device="meta", dtype=torch.float16)  # one row for all
+    assert launch_args(shared, 1, 1, 10 ** 5, 10 ** 6, stand_in)[2] == 2
