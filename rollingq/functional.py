@@ -82,6 +82,7 @@ def rollingq_attention(
             the statistics (`attn_mass`) are those of the masked attention. No gradient flows to
             it (a mask that requires grad is refused). Broadcast dims are read with stride 0, not
             copied; every score tile reads its part of the mask (no key block is skipped for it).
+            The kernels refuse a mask whose [Lq, Lk] slice spans 2^31 elements (32-bit offsets).
 
     B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
     (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give
