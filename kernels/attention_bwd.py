@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from . import common
+from .attn_mask import kind_of, lse_planes, lse_shape, mask_tile
 from .attn_mask import launch_args as mask_launch_args
-from .attn_mask import mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
@@ -130,15 +130,16 @@ _DQ_TABLE = {
 }
 # Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
 # (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
-# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32), and where a class loses
-# every row its (class, "dropout") or (class, "mask") list in the table stands in.
+# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32). Their (class, "dropout") or
+# (class, "mask") lists in the table are added for them (stand-ins, chosen where a class lost every row).
 _DKDV_DROPOUT_SPILLS = {90: {128: [(32, 128, 8, 2)], "split": [(64, 64, 8, 1)], "ieee-split": [(16, 32, 8, 2)]},
                         80: {64: [(32, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}}
 _DQ_DROPOUT_SPILLS = {90: {256: [(128, 32, 8, 2)]}}
 _DKDV_SPILLS = {"dropout": _DKDV_DROPOUT_SPILLS,
                 "mask": {90: {"split": [(64, 64, 8, 1)]},
                          80: {64: [(32, 64, 8, 2)], 128: [(64, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}},
-                # dropout's fp32 stand-in spills with a mask on sm_80 (24-36 B); mask's stands in for both
+                # dropout's fp32 stand-in spills with a mask (sm_80: 24-36 B; left out on sm_90 too,
+                # where it was not built with both); the mask's stand-in serves mask + dropout
                 "mask+dropout": {arch: {"ieee-split": [(16, 16, 4, 2)]} for arch in (90, 80)}}
 _DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
               "mask": {90: {256: [(128, 32, 8, 2), (64, 64, 8, 2)]}},
@@ -227,6 +228,7 @@ def _bwd_preprocess_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
+    ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -318,6 +320,8 @@ def _bwd_dkdv_kernel(
                 dpt = tl.dot(v, tl.trans(do_o), input_precision=prec)
             # lse = +inf on rows with no live key (and past Lq): p = exp2(s - inf) = 0 there.
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            if MASK == 2:
+                row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             vis = key_ok[:, None] & m_ok[None, :]
             if CAUSAL:
@@ -327,7 +331,10 @@ def _bwd_dkdv_kernel(
                 vis = vis & mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
             if MASK == 2:
                 st = st + mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
-            pt = tl.where(vis, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
+            if MASK == 2:
+                pt = tl.where(vis, tl.exp2((st - row_max[None, :]) - lse[None, :]), 0.0)
+            else:
+                pt = tl.where(vis, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
             if DROPOUT:
                 # out used z * p / (1 - p_drop), z the keep mask: dv takes the kept p (rescaled at
                 # the end) and ds = p * (z * dp / (1 - p_drop) - delta); delta = do . out is unchanged.
@@ -368,6 +375,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
+    ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -420,7 +428,11 @@ def _bwd_dq_kernel(
     ids_base = IDS + b * s_ib
     amask_base = AMASK + b * s_ab + h * s_ah
     row_base = (b * H + h) * Lq
-    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    if MASK == 2:  # p = exp2((s - m) - log2 l); the row max is 0 where the row is empty (LSE +inf)
+        row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    else:
+        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     if DROPOUT:
         seed = tl.load(SEED)
@@ -477,7 +489,10 @@ def _bwd_dq_kernel(
             vis = vis & mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
         if MASK == 2:
             s = s + mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        if MASK == 2:
+            p = tl.where(vis, tl.exp2((s - row_max[:, None]) - lse2[:, None]), 0.0)
+        else:
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         if DROPOUT:
             keep = kept(seed, bh, offs_m[:, None], start_n, drop_thresh, BLOCK_M, BLOCK_N)
             ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
@@ -599,7 +614,7 @@ def _pre_blocks(d: int) -> Tuple[int, int]:
     return block, triton.cdiv(d, block)
 
 
-def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask) -> None:
+def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask, mask_kind=0) -> None:
     for name, t in (("do", do), ("q_rot", q_rot), ("k", k), ("v", v), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -617,9 +632,10 @@ def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask) -> None:
         raise TypeError(f"q_rot, k, v must share one dtype, got {q_rot.dtype}, {k.dtype}, {v.dtype}")
     if q_rot.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q_rot must be float16, bfloat16 or float32, got {q_rot.dtype}")
-    if lse.shape != (B, H, Lq) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be a contiguous float32 [B, H, Lq] = [{B}, {H}, {Lq}] tensor, got "
-                         f"{lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+    want = lse_shape(B, H, Lq, mask_kind)
+    if tuple(lse.shape) != want or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 {list(want)} tensor (the forward's; [2, B, H, Lq] with a "
+                         f"float attn_mask), got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
     if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2 or tuple(ids.shape) != (B, Lk):
         raise ValueError(f"ids must be an int32/int64 [B, Lk] = [{B}, {Lk}] tensor, got {ids.dtype} "
                          f"{tuple(ids.shape)}")
@@ -659,7 +675,8 @@ def attention_bwd(
         k, v: [B, Hkv, Lk, D] (any strides); query head h reads kv head h // (H // Hkv).
         out: [B, H, Lq, D] the forward output.
         lse: [B, H, Lq] float32 contiguous natural-log sum-exp of the scaled scores; +inf on rows
-            with no live visible key (they get zero gradient).
+            with no live visible key (they get zero gradient). With a float attn_mask [2, B, H, Lq]:
+            log2 of each row's sum and its max in base 2 (kernels/attn_mask.lse_planes).
         ids: int [B, Lk] modality ids, -1 = padding (stride(0) == 0 allowed; a 1-D [Lk] is expanded).
         causal: query i sees keys 0..i (Lq == Lk).
         scale: the softmax scale the forward used.
@@ -677,7 +694,7 @@ def attention_bwd(
     """
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:
         ids = ids.expand(q_rot.shape[0], ids.shape[0])
-    _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask)
+    _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask, kind_of(attn_mask))
     B, H, Lq, D = q_rot.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -688,6 +705,7 @@ def attention_bwd(
     dropout = dropout_p > 0
     drop_args = dropout_launch_args(dropout_p, seed, dev)
     amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, lse)
+    lse, row_max = lse_planes(lse, mask_kind)
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
@@ -708,7 +726,7 @@ def attention_bwd(
     split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
     n_dv = triton.cdiv(D, block_dv)
     _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
-        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask,
+        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         ids.stride(0), ids.stride(1), *amask_strides,
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
@@ -729,7 +747,7 @@ def attention_bwd(
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
-        common.live_key_ends(ids) if trim else delta, amask,
+        common.live_key_ends(ids) if trim else delta, amask, row_max,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),

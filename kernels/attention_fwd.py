@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import common
 from .attn_mask import launch_args as mask_launch_args
-from .attn_mask import mask_tile
+from .attn_mask import lse_planes, lse_shape, mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
@@ -89,8 +89,9 @@ FWD_CONFIGS_BY_ARCH = {
 }
 # Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
 # (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
-# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32), and where a class loses
-# every row its (..., "dropout") or (..., "mask+dropout") list in FWD_CONFIGS_BY_ARCH stands in.
+# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32). Their (..., "dropout") or
+# (..., "mask+dropout") lists in FWD_CONFIGS_BY_ARCH are added for them (stand-ins, chosen where a
+# class lost every row).
 FWD_DROPOUT_SPILLS = {
     90: {("16bit", 128, "tma"): [(128, 128, 8, 3)], ("16bit", "split"): [(64, 64, 8, 1)]},
     80: {("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},
@@ -195,6 +196,7 @@ def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
+    ROWMAX,  # MASK == 2: each row's max m (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -433,7 +435,11 @@ def _rollingq_fwd_kernel(
                  (acc * inv_lv[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     if pid_d == 0:
         # Natural-log LSE of the scaled scores; +inf marks a row with no live key (p = 0 in backward).
-        lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        if MASK == 2:  # m and log2(l) apart (attn_mask.py): a huge bias would swamp log2(l) in m + log2(l)
+            tl.store(ROWMAX + (b * H + h) * Lq + offs_m, tl.where(empty, 0.0, m_i), mask=m_ok)
+            lse = tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i)))
+        else:
+            lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
         if STATS:
             tl.store(MASS + ((b * H + h) * Lq + offs_m[:, None]) * M + mod[None, :], mass * inv_l[:, None],
@@ -483,7 +489,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     the dropped probabilities do not weight v; lse and the statistics are those without dropout.
     attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
     [B, H, Lq, Lk], or None (kernels/attn_mask.py).
-    Returns out [B, H, Lq, D], lse [B, H, Lq] fp32, q_rot [B, H, Lq, D] or None, attn_mass
+    Returns out [B, H, Lq, D], lse [B, H, Lq] fp32 ([2, B, H, Lq] with a float mask:
+    attn_mask.lse_planes), q_rot [B, H, Lq, D] or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
     B, H, Lq, D = q.shape
@@ -506,7 +513,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
 
     out = common.new_buffer((B, H, Lq, D), dev, v.dtype)
-    lse = common.new_buffer((B, H, Lq), dev, torch.float32)
+    lse = common.new_buffer(lse_shape(B, H, Lq, mask_kind), dev, torch.float32)
+    lse_arg, rowmax_arg = lse_planes(lse, mask_kind)
     mp = max(16, next_pow2(num_modalities))
     if stats:
         workers = min(triton.cdiv(Lk, KS_BLOCK), triton.cdiv(Lq, MAX_BLOCK_M) * group)
@@ -530,8 +538,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     if tma and q.is_cuda:
         ensure_scratch_allocator()
     _rollingq_fwd_kernel[grid](
-        q, k, v, out, lse, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
-        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask,
+        q, k, v, out, lse_arg, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
+        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask, rowmax_arg,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1), *amask_strides,
         H, Lq, Lk, num_modalities, group, workers,

@@ -6,13 +6,17 @@ and one of two kinds, a constexpr of every kernel:
 - BIAS (float): added to the scaled scores before the softmax; -inf hides the key.
 The forward, dK/dV (which walks the transposed tile) and dQ kernels each read the tile they need;
 nothing is derived from it on the host (a mask is data, so no key block is skipped for it).
+
+With a bias the forward keeps each row's max m and log2 of its sum l apart (`lse_planes`): a bias
+such as -1e30 on a whole row makes m so large that m + log2(l) rounds to m in fp32, and the
+backward's p = exp2(s - lse) would come out as 1 instead of 1 / l. The backward then forms
+p = exp2((s - m) - log2(l)).
 """
 import torch
 import triton
 import triton.language as tl
 
 NONE, KEEP, BIAS = 0, 1, 2
-LOG2E = 1.4426950408889634  # the kernels' scores are in base 2
 MAX_SLICE_OFFSET = 2 ** 31  # element offsets within one (batch, head) slice stay below this (mask_tile)
 
 
@@ -27,7 +31,23 @@ def mask_tile(base, rows, cols, rows_ok, cols_ok, s_r, s_c, MASK: tl.constexpr):
     if MASK == 1:
         return tl.load(ptrs, mask=ok, other=0) != 0
     else:
-        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        bias = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        # Finite stays finite (float32's min times log2(e) would overflow to -inf and hide the key).
+        return tl.where(bias == float("-inf"), bias, tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38))
+
+
+def lse_planes(lse: torch.Tensor, kind: int):
+    """The forward's row statistics buffer as the kernels' (LSE, ROWMAX) arguments: with a bias,
+    [2, B, H, Lq] = (log2 l, m in base 2); otherwise [B, H, Lq], the natural-log LSE (ROWMAX unread)."""
+    return (lse[0], lse[1]) if kind == BIAS else (lse, lse)
+
+
+def lse_shape(B: int, H: int, Lq: int, kind: int) -> tuple:
+    return (2, B, H, Lq) if kind == BIAS else (B, H, Lq)
+
+
+def kind_of(attn_mask) -> int:
+    return NONE if attn_mask is None else (KEEP if attn_mask.dtype == torch.bool else BIAS)
 
 
 def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Tensor):
@@ -36,7 +56,7 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
     never reads) when there is no mask."""
     if attn_mask is None:
         return stand_in, (0, 0, 0, 0), NONE
-    if attn_mask.dim() > 4 or any(n not in (1, want) for n, want in zip(attn_mask.shape[::-1], (Lk, Lq, H, B))):
+    if attn_mask.dim() > 4 or not all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], (Lk, Lq, H, B))):
         raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = [{B}, {H}, {Lq}, {Lk}], got "
                          f"{tuple(attn_mask.shape)}")
     if attn_mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):

@@ -202,8 +202,10 @@ class RollingQAttention(nn.Module):
         ids = self._modality_ids(modality_ids, key_padding_mask, B, L, x.device)
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
         if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() not in (2, 4):
-                shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            if attn_mask.dim() not in (2, 4):
+                shape = tuple(attn_mask.shape)
                 raise ValueError(f"attn_mask must be [L, L] or 4-D broadcastable to [B, H, L, L] = [{B}, {H}, {L}, {L}] "
                                  f"(nn.MultiheadAttention's [B * H, L, L]: pass it as .view(B, H, L, L)), got {shape}")
             if attn_mask.dtype == torch.bool:

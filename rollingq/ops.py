@@ -52,7 +52,10 @@ def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, sa
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     out = q.new_empty((B, H, Lq, D), dtype=v.dtype)
-    lse = q.new_empty((B, H, Lq), dtype=torch.float32)
+    # [2, B, H, Lq] with a float mask: the kernels keep each row's max and log2 sum apart there
+    # (kernels/attn_mask.lse_planes).
+    bias = attn_mask is not None and attn_mask.is_floating_point()
+    lse = q.new_empty((2, B, H, Lq) if bias else (B, H, Lq), dtype=torch.float32)
     q_rot = q.new_empty((B, H, Lq, D) if save_qrot else _EMPTY)
     mass = q.new_empty((B, H, Lq, num_modalities) if stats else _EMPTY, dtype=torch.float32)
     key_sum = q.new_empty((B, Hkv, num_modalities, D) if stats else _EMPTY, dtype=torch.float32)

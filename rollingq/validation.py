@@ -195,7 +195,8 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
              f"{type(attn_mask).__name__}", TypeError)
     _require(attn_mask.dtype == torch.bool or attn_mask.dtype in allowed_dtypes,
              f"attn_mask must be bool or one of {allowed_dtypes}, got {attn_mask.dtype}", TypeError)
-    _require(attn_mask.dim() <= 4 and all(n in (1, want) for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
+    # `n == 1 or n == want`, not `n in (1, want)`: torch.compile(dynamic=True) cannot trace `in` on sizes.
+    _require(attn_mask.dim() <= 4 and all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
              f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
     _require(attn_mask.device == device, f"attn_mask must be on {device}, got {attn_mask.device}")
     _require(not attn_mask.requires_grad, "attn_mask must not require grad: rollingq_attention gives the mask "

@@ -181,7 +181,7 @@ def _pruned_rows(every, mask, dropout=0.0, head_dim=64, dtype=torch.float16):
                                                         mask=mask)}
 
 
-@pytest.mark.parametrize("head_dim", [64, 256, 768])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 768])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_launches_skip_the_rows_that_spill_with_it(head_dim, kind):
     """The mask (either kind) is in every key, and its launches are offered the class lists less
@@ -196,7 +196,10 @@ def test_mask_launches_skip_the_rows_that_spill_with_it(head_dim, kind):
     masks = {"_rollingq_fwd_kernel": attention_fwd.FWD_MASK_SPILLS[90],
              "_bwd_dkdv_kernel": attention_bwd._DKDV_SPILLS["mask"][90],
              "_bwd_dq_kernel": attention_bwd._DQ_SPILLS["mask"][90]}
-    spills = {name: set(t.get(fwd_cls if name == "_rollingq_fwd_kernel" else bwd_cls, [])) for name, t in masks.items()}
+    spills = {name: set(t.get(bwd_cls, [])) for name, t in masks.items()}
+    # the forward's class and its descriptor-only ("tma") rows
+    spills["_rollingq_fwd_kernel"] = set(masks["_rollingq_fwd_kernel"].get(fwd_cls, [])
+                                         + masks["_rollingq_fwd_kernel"].get(fwd_cls + ("tma",), []))
     every = _every_config()
     with planning_for(90):
         plain, masked = _pruned_rows(every, None, head_dim=head_dim), _pruned_rows(every, kind, head_dim=head_dim)
