@@ -331,7 +331,6 @@ def _bwd_dkdv_kernel(
                 vis = vis & mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
             if MASK == 2:
                 st = st + mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
-            if MASK == 2:
                 pt = tl.where(vis, tl.exp2((st - row_max[None, :]) - lse[None, :]), 0.0)
             else:
                 pt = tl.where(vis, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
@@ -489,7 +488,6 @@ def _bwd_dq_kernel(
             vis = vis & mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
         if MASK == 2:
             s = s + mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
-        if MASK == 2:
             p = tl.where(vis, tl.exp2((s - row_max[:, None]) - lse2[:, None]), 0.0)
         else:
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)

@@ -11,10 +11,10 @@ from rollingq.kernels import attention_bwd as bwd
 from rollingq.kernels import attention_fwd, common
 from rollingq.kernels.dropout import KEEP_BITS, keep_mask, threshold
 from rollingq.reference import rollingq_attention_reference
+from tests.kernel_paths import DEVICE, force_d_split, force_wide_split, problem
 from tests.numerics import CUDA_DROPOUT_SHAPES, assert_close_by_rule, stats_tol
 
 pytestmark = pytest.mark.kernel
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M = 3
 
 
@@ -25,13 +25,6 @@ def poisoned_outputs(monkeypatch):
                         lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
 
 
-def problem(dtype, B, H, Hkv, L, D, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
-    ids = torch.randint(-1, M, (B, L), generator=gen).to(DEVICE)
-    rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
-    grad = torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype)
-    return q, k, v, ids, rot, grad
 
 
 def check(dtype, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, p=0.3, seed=0):
@@ -73,28 +66,13 @@ def test_single_program_path(dtype, causal, tma, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_d_split_path(dtype, monkeypatch):
     """Heads wider than one program: every D chunk of the output draws the same mask."""
-    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "SPLIT_D_CHUNK", 16),
-                             (attention_fwd, "SPLIT_DV_CHUNK", 32), (attention_fwd, "SPLIT_DV_CHUNK_NARROW", 16),
-                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
-                             (bwd, "NARROW_MAX_RESIDENT_D", 32), (bwd, "SPLIT_D_CHUNK", 16),
-                             (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DKDV_CHUNK_NARROW", 32),
-                             (bwd, "SPLIT_DQ_CHUNK", 16), (bwd, "SPLIT_DQ_CHUNK_IEEE", 16)):
-        monkeypatch.setattr(mod, name, value)
+    force_d_split(monkeypatch)
     check(dtype, D=72, causal=True, rows=9, seed=11)
 
 
 def test_wide_split_path(monkeypatch):
     """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
-    for mod, name, value in ((attention_fwd, "MAX_SINGLE_D", 16), (attention_fwd, "WIDE_CHUNK", 16),
-                             (bwd, "DKDV_MAX_RESIDENT_D", 32), (bwd, "DQ_MAX_RESIDENT_D", 32),
-                             (bwd, "SPLIT_D_CHUNK", 16), (bwd, "SPLIT_DKDV_CHUNK", 32), (bwd, "SPLIT_DQ_CHUNK", 16),
-                             (bwd, "WIDE_CHUNK", 16)):
-        monkeypatch.setattr(mod, name, value)
-    fwd_kernel = attention_fwd._rollingq_fwd_kernel
-    monkeypatch.setattr(fwd_kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
-    monkeypatch.setattr(fwd_kernel, "cache", {})
-    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ], WIDE=1))
-    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    force_wide_split(monkeypatch)
     # dQ's wide split runs without the in-kernel rotation epilogue: rows rotated, dq rotated after.
     check(torch.float16, D=72, causal=False, rows=9, seed=12)
 
