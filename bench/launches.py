@@ -80,12 +80,17 @@ CHECK_PROBLEMS = (
 )
 
 
+def _repo_on_path() -> None:
+    """The repository root on sys.path, for `bench.*` and `tests.numerics` (the test shapes)."""
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+
+
 def gpu_check_problems() -> List[Problem]:
     """Every problem bench/gpu_check.sh runs: the benchmark shapes (rollingq with rotation and
     statistics, and without, forward and fwd+bwd) and the CUDA-only parity tests. The batch is 1:
     it changes no kernel argument, only the grid."""
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+    _repo_on_path()
     from bench.shapes import GPU_SHAPES, MEMORY_SHAPE
     from tests.numerics import CUDA_DROPOUT_SHAPES, CUDA_LARGE_SHAPES, CUDA_MASK_SHAPES
 
@@ -146,8 +151,7 @@ def record(p: Problem, dtype: torch.dtype) -> list:
     seed = torch.zeros(1, dtype=torch.int64) if p.dropout else None
     attn_mask = None
     if p.mask is not None:  # only its dtype and (broadcast) strides reach the kernels, not its values
-        if _ROOT not in sys.path:
-            sys.path.insert(0, _ROOT)
+        _repo_on_path()
         from tests.numerics import mask_shape
 
         shape = mask_shape(p.mask, p.batch, p.heads, p.lq, p.lk)

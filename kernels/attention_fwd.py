@@ -141,11 +141,10 @@ def _prune(configs, named_args, **kwargs):
     extras = common.launch_extras(args)
     spills = common.spill_rows(FWD_SPILLS, extras, target_arch())
 
-    def rows_of(k):
-        return [t for t in table.get(k, []) if t not in spills.get(k, [])]
+    def rows_of(k, stand_ins=()):
+        return [t for t in table.get(k, []) + list(stand_ins) if t not in spills.get(k, [])]
 
-    stand_ins = [t for extra in extras for t in table.get((prec, cls, extra), [])]
-    rows = [t for t in table.get((prec, cls), []) + stand_ins if t not in spills.get((prec, cls), [])]
+    rows = rows_of((prec, cls), [t for extra in extras for t in table.get((prec, cls, extra), [])])
     wanted = {(t, 0) for t in rows + (rows_of((prec, cls, "tma")) if args["TMA"] else [])}
     if cls == "split" and args["HEAD_D"] <= WIDE_MAX_D:
         wanted |= {(t, 1) for t in table.get((prec, "wide"), [])}

@@ -54,7 +54,8 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
     """(tensor, (s_b, s_h, s_q, s_k), kind) for a launcher: the mask expanded to [B, H, Lq, Lk]
     (broadcast dims get stride 0) and read as uint8 when bool; `stand_in` (any tensor the kernel
     never reads) when there is no mask."""
-    if attn_mask is None:
+    kind = kind_of(attn_mask)
+    if kind == NONE:
         return stand_in, (0, 0, 0, 0), NONE
     if attn_mask.dim() > 4 or not all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], (Lk, Lq, H, B))):
         raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = [{B}, {H}, {Lq}, {Lk}], got "
@@ -66,6 +67,4 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
         raise ValueError(f"attn_mask: the kernels address one (batch, head) slice of the mask with 32-bit "
                          f"offsets, and this one's [Lq, Lk] = [{Lq}, {Lk}] slice with strides "
                          f"{full.stride()[2:]} spans 2^31 elements or more; pass a smaller mask or split Lq")
-    if full.dtype == torch.bool:
-        return full.view(torch.uint8), full.stride(), KEEP
-    return full, full.stride(), BIAS
+    return (full.view(torch.uint8) if kind == KEEP else full), full.stride(), kind

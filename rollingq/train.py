@@ -26,6 +26,7 @@ from .controller import RollingQ
 from .data import MultimodalData, SyntheticSpec, load_data, make_synthetic
 from .models import MultimodalTransformer
 from .rotation import key_gap, sample_mean_keys
+from .validation import check_dropout
 
 METHODS = ("vanilla", "rollingq", "concat", "sum")
 CHECKPOINT = "checkpoint.pt"
@@ -80,8 +81,7 @@ class TrainConfig:
             raise ValueError("--enc-layers and --max-rotations must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.attn_dropout < 1:
-            raise ValueError(f"--attn-dropout must be in [0, 1), got {self.attn_dropout}")
+        check_dropout(self.attn_dropout, "--attn-dropout")
         if self.attn_dropout and self.method not in ("vanilla", "rollingq"):
             raise ValueError(f"--attn-dropout applies to attention fusion (vanilla, rollingq), not to "
                              f"--method {self.method}")

@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts NaN-filled (kernels/common.new_buffer), so an
+    unwritten element fails the test. Modules opt in with pytest.mark.usefixtures."""
+    from rollingq.kernels import common
+
+    monkeypatch.setattr(common, "new_buffer",
+                        lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
 @pytest.fixture(autouse=True)
 def _cpu_backend(request):
     """CPU tests run the PyTorch reference unless marked `kernel` (then the Triton interpreter):

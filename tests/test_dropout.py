@@ -8,21 +8,15 @@ import torch
 import rollingq
 from rollingq.functional import dropout_seed, uses_kernel
 from rollingq.kernels import attention_bwd as bwd
-from rollingq.kernels import attention_fwd, common
+from rollingq.kernels import attention_fwd
 from rollingq.kernels.dropout import KEEP_BITS, keep_mask, threshold
 from rollingq.reference import rollingq_attention_reference
 from tests.kernel_paths import DEVICE, force_d_split, force_wide_split, problem
 from tests.numerics import CUDA_DROPOUT_SHAPES, assert_close_by_rule, stats_tol
 
-pytestmark = pytest.mark.kernel
+# NaN-filled output buffers (tests/conftest.py): an unwritten element fails the test.
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("poisoned_outputs")]
 M = 3
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
-    monkeypatch.setattr(common, "new_buffer",
-                        lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
 
 
 
