@@ -16,8 +16,11 @@ The backward never materialises p. Three launches:
 With dropout the forward's output was sum_j z_ij p_ij v_j / (1 - p_drop), z the keep mask that
 kernels/dropout.py redraws here: dv takes z * p / (1 - p_drop), and dp is replaced by
 z * dp / (1 - p_drop) in ds = p * (dp - delta); delta = do . out needs no change.
-A user attention mask (MASK, kernels/attn_mask.py) is reread per tile and enters p as in the forward;
-a bias gets no gradient.
+A user attention mask (MASK, kernels/attn_mask.py) is reread per tile and enters p as in the forward.
+A bias that requires grad (MASK_GRAD) gets d(bias) = ds, the gradient of the natural-log scores: the
+dQ kernel, which walks each score tile once per query block, stores its ds tiles into a dense
+[B, H, Lq, Lk] buffer that the launcher sums over the mask's broadcast dims (as SDPA's
+memory-efficient backward does).
 
 Numerics: fp32 accumulators everywhere; fp32 inputs use IEEE dots (no tf32); fp16/bf16 inputs cast
 p and ds to the input type before their dots, as FlashAttention does. bf16 differs from fp16 only
@@ -47,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import common
+from .attn_mask import grad_buffer as mask_grad_buffer
 from .attn_mask import kind_of, lse_planes, lse_shape, mask_tile
 from .attn_mask import launch_args as mask_launch_args
 from .common import interpreting, next_pow2, target_arch
@@ -375,6 +379,7 @@ def _bwd_dq_kernel(
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
+    DMASK,  # MASK_GRAD: the bias gradient, a dense [B, H, Lq, Lk] buffer (unit column stride)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -383,6 +388,7 @@ def _bwd_dq_kernel(
     s_ib, s_in,
     s_rmb, s_rmm,
     s_ab, s_ah, s_am, s_an,
+    s_gb, s_gh, s_gm,
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
@@ -397,6 +403,7 @@ def _bwd_dq_kernel(
     DROPOUT: tl.constexpr,
     TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
     MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
+    MASK_GRAD: tl.constexpr,  # MASK == 2 and the bias requires grad: store ds into DMASK
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
@@ -426,6 +433,9 @@ def _bwd_dq_kernel(
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
     amask_base = AMASK + b * s_ab + h * s_ah
+    dmask_base = DMASK + b * s_gb + h * s_gh
+    # The D-split programs of one query block compute the same ds: the first one stores it.
+    g_rows = m_ok & (pid_d == 0)
     row_base = (b * H + h) * Lq
     if MASK == 2:  # p = exp2((s - m) - log2 l); the row max is 0 where the row is empty (LSE +inf)
         row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
@@ -496,6 +506,9 @@ def _bwd_dq_kernel(
             ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
         else:
             ds = p * (dp - delta[:, None])
+        if MASK_GRAD:  # s = scale * q.k + bias, so d(bias) = ds (0 wherever p is)
+            tl.store(dmask_base + offs_m[:, None] * s_gm + offs_n[None, :], ds.to(DMASK.dtype.element_ty),
+                     mask=g_rows[:, None] & n_ok[None, :])
         if WIDE_ON:
             ds_dt = ds.to(dt)
             dq = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col, offs_w, HEAD_D), dq,
@@ -508,6 +521,11 @@ def _bwd_dq_kernel(
                              dq2, input_precision=prec)
         else:
             dq = tl.dot(ds.to(dt), k_o, dq, input_precision=prec)
+    if MASK_GRAD:  # the key blocks the loop skips (causal, trailing padding) have zero gradient
+        for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
+            offs_n = start_n + offs_n0
+            tl.store(dmask_base + offs_m[:, None] * s_gm + offs_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                     .to(DMASK.dtype.element_ty), mask=g_rows[:, None] & (offs_n < Lk)[None, :])
 
     dq = dq * sm_scale
     dq_ptr = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm
@@ -575,7 +593,7 @@ _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                         "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "DETERMINISTIC", "DROPOUT", "TRIM", "MASK"],
+                      "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
                      _DQ_WIDE, _DQ_SPILLS)
 
 
@@ -664,8 +682,9 @@ def attention_bwd(
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the fused forward in q, k, v.
+    mask_grad: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of the fused forward in q, k, v (and a float attn_mask when `mask_grad`).
 
     Args:
         do: [B, H, Lq, D] gradient of `out` (any strides).
@@ -684,11 +703,15 @@ def attention_bwd(
         dropout_p, seed: the forward's dropout probability in [0, 1) and its int64 [1] seed on the
             tensors' device (kernels/dropout.py); the masks are redrawn from it.
         attn_mask: the forward's attention mask (bool: True = attend; float: added to the scaled
-            scores), broadcastable to [B, H, Lq, Lk], or None. A float mask gets no gradient.
+            scores), broadcastable to [B, H, Lq, Lk], or None.
+        mask_grad: also return the gradient of a float attn_mask. It is formed in a dense
+            [B, H, Lq, Lk] buffer (float32 where the mask broadcasts, else the mask's dtype), then
+            summed over the mask's broadcast dims; Lq * Lk must stay below 2^31.
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
-        in k's dtype. All freshly allocated and contiguous.
+        in k's dtype. All freshly allocated and contiguous. Then d_mask, in attn_mask's shape and
+        dtype, or None without `mask_grad`.
     """
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:
         ids = ids.expand(q_rot.shape[0], ids.shape[0])
@@ -704,6 +727,7 @@ def attention_bwd(
     drop_args = dropout_launch_args(dropout_p, seed, dev)
     amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, lse)
     lse, row_max = lse_planes(lse, mask_kind)
+    dmask = mask_grad_buffer(attn_mask, B, H, Lq, Lk) if mask_grad else None
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
@@ -745,17 +769,21 @@ def attention_bwd(
     _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                      H, B)](
         q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
-        common.live_key_ends(ids) if trim else delta, amask, row_max,
+        common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
+        *((0, 0, 0) if dmask is None else dmask.stride()[:3]),
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=mask_grad,
+        SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
         # in place for the factored form (no second dq buffer; unrotated rows are not touched).
         dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
-    return dq, dk, dv
+    if dmask is not None:  # the broadcast dims' sum (a no-op for a full [B, H, Lq, Lk] mask)
+        dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return dq, dk, dv, dmask

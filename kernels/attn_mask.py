@@ -11,10 +11,15 @@ With a bias the forward keeps each row's max m and log2 of its sum l apart (`lse
 such as -1e30 on a whole row makes m so large that m + log2(l) rounds to m in fp32, and the
 backward's p = exp2(s - lse) would come out as 1 instead of 1 / l. The backward then forms
 p = exp2((s - m) - log2(l)).
+
+A bias that requires grad gets ds, the gradient of the scores, which the dQ kernel stores into a
+dense buffer (`grad_buffer`); the launcher sums it over the broadcast dims.
 """
 import torch
 import triton
 import triton.language as tl
+
+from . import common
 
 NONE, KEEP, BIAS = 0, 1, 2
 MAX_SLICE_OFFSET = 2 ** 31  # element offsets within one (batch, head) slice stay below this (mask_tile)
@@ -68,3 +73,17 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
                          f"offsets, and this one's [Lq, Lk] = [{Lq}, {Lk}] slice with strides "
                          f"{full.stride()[2:]} spans 2^31 elements or more; pass a smaller mask or split Lq")
     return (full.view(torch.uint8) if kind == KEEP else full), full.stride(), kind
+
+
+def grad_buffer(attn_mask, B: int, H: int, Lq: int, Lk: int):
+    """The dense [B, H, Lq, Lk] buffer the dQ kernel stores a bias's gradient into (attention_bwd's
+    mask_grad): float32 where the mask broadcasts (the broadcast dims are summed afterwards), else
+    the mask's own dtype. Written with 32-bit offsets within each (batch, head) slice."""
+    if kind_of(attn_mask) != BIAS:
+        raise ValueError(f"mask_grad needs a float attn_mask, got "
+                         f"{'None' if attn_mask is None else attn_mask.dtype}")
+    if Lq * Lk >= MAX_SLICE_OFFSET:
+        raise ValueError(f"attn_mask: its gradient is formed as a dense [B, H, Lq, Lk] buffer addressed with 32-bit "
+                         f"offsets per (batch, head), and Lq * Lk = {Lq} * {Lk} is 2^31 or more; split Lq")
+    full = tuple(attn_mask.shape) == (B, H, Lq, Lk)
+    return common.new_buffer((B, H, Lq, Lk), attn_mask.device, attn_mask.dtype if full else torch.float32)

@@ -79,10 +79,15 @@ def rollingq_attention(
         attn_mask: as SDPA's, broadcastable to [B, H, Lq, Lk]: bool (True = the query may attend
             the key) or float16/bfloat16/float32 (added to the scaled scores; -inf hides the key,
             NaN and +inf are refused). It applies on top of the padding ids and `causal`, and
-            the statistics (`attn_mass`) are those of the masked attention. No gradient flows to
-            it (a mask that requires grad is refused). Broadcast dims are read with stride 0, not
-            copied; every score tile reads its part of the mask (no key block is skipped for it).
-            The kernels refuse a mask whose [Lq, Lk] slice spans 2^31 elements (32-bit offsets).
+            the statistics (`attn_mass`) are those of the masked attention. A float mask that
+            requires grad (a learned bias: relative positions, ALiBi-style slopes) gets its
+            gradient, summed over its broadcast dims; the backward forms it in a dense
+            [B, H, Lq, Lk] buffer (float32 where the mask broadcasts, else the mask's dtype), as
+            SDPA's memory-efficient backward does, so that costs B * H * Lq * Lk elements of
+            memory. Broadcast dims are read with stride 0, not copied; every score tile reads its
+            part of the mask (no key block is skipped for it). The kernels refuse a mask whose
+            [Lq, Lk] slice spans 2^31 elements, and a mask gradient with Lq * Lk >= 2^31 (32-bit
+            offsets).
 
     B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
     (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give
@@ -140,7 +145,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
 
     D = q.shape[-1]
     ids, rot, rot_mask = kernel_arguments(q, k, modality_ids, rotation, rotate_rows)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+        attn_mask is not None and attn_mask.requires_grad))
     out, _, _, mass, key_sum = attention_fwd_op(
         q, k, v, ids, num_modalities, rot, rot_mask, causal, float(D ** -0.5 if scale is None else scale),
         stats, needs_grad and rot is not None, dropout_p, dropout_seed(q.device) if dropout_p > 0 else None,

@@ -67,19 +67,24 @@ def attention_bwd_op(
     do: torch.Tensor, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], dropout_p: float = 0.0,
-    seed: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, mask_grad: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, d_mask); d_mask (the gradient of a float attn_mask, in its shape and
+    dtype) is empty unless `mask_grad`."""
     from .kernels.attention_bwd import attention_bwd
 
     mask = None if rot_mask is None else rot_mask.view(torch.bool)
     with _device_of(q_rot):
-        return attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed,
-                             attn_mask)
+        dq, dk, dv, d_mask = attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p,
+                                           seed, attn_mask, mask_grad)
+    return dq, dk, dv, q_rot.new_empty(_EMPTY) if d_mask is None else d_mask
 
 
 @attention_bwd_op.register_fake
-def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None, attn_mask=None):
-    return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None, attn_mask=None,
+      mask_grad=False):
+    d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q_rot.new_empty(_EMPTY)
+    return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask
 
 
 def _no_double_backward(ctx, *grads):
@@ -105,10 +110,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
     q_used, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(
+    # a float attn_mask that requires grad (a learned bias); a call may leave the mask out entirely
+    mask_grad = len(ctx.needs_input_grad) > 13 and ctx.needs_input_grad[13]
+    dq, dk, dv, d_mask = attention_bwd_op(
         d_out, q_used, k, v, out, lse, ids, ctx.causal, ctx.scale,
-        rotation if ctx.rotated else None, rot_mask if ctx.rotated else None, ctx.dropout_p, seed, attn_mask)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+        rotation if ctx.rotated else None, rot_mask if ctx.rotated else None, ctx.dropout_p, seed, attn_mask,
+        mask_grad)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, d_mask if mask_grad else None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

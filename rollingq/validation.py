@@ -187,8 +187,8 @@ def check_inputs(
 def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int], device,
                     allowed_dtypes=SUPPORTED_DTYPES, check_values: bool = True) -> None:
     """An attention mask as SDPA takes it: None, or a bool (True = attend) or float (added to the
-    scaled scores) tensor broadcastable to `shape` = [B, H, Lq, Lk], without gradient; a float one
-    must not hold NaN or +inf (-inf hides a key), checked once per tensor version."""
+    scaled scores) tensor broadcastable to `shape` = [B, H, Lq, Lk]; a float one may require grad,
+    and must not hold NaN or +inf (-inf hides a key), checked once per tensor version."""
     if attn_mask is None:
         return
     _require(isinstance(attn_mask, torch.Tensor), f"attn_mask must be a torch.Tensor or None, got "
@@ -199,8 +199,6 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
     _require(attn_mask.dim() <= 4 and all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
              f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
     _require(attn_mask.device == device, f"attn_mask must be on {device}, got {attn_mask.device}")
-    _require(not attn_mask.requires_grad, "attn_mask must not require grad: rollingq_attention gives the mask "
-             "no gradient (pass attn_mask.detach())")
     if check_values and attn_mask.is_floating_point() and attn_mask.numel():
         _require(checked_values.get(attn_mask, "bias", lambda t: bool((t < float("inf")).all())),
                  "attn_mask must not hold NaN or +inf (-inf hides a key)")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rollingq
-from rollingq.functional import dropout_seed, uses_kernel
+from rollingq.functional import dropout_seed, set_cpu_backend, uses_kernel
 from rollingq.kernels import attention_bwd as bwd
 from rollingq.kernels import attention_fwd
 from rollingq.kernels.dropout import keep_mask
@@ -39,16 +39,23 @@ def make_mask(kind, shape, dtype, seed, hidden_row=None):
 
 
 def check(dtype, kind, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, seed=0, shape=None, p=0.0,
-          hidden_row=None, mask=None):
-    """Forward, statistics and gradients with the mask against the float64 reference."""
-    q, k, v, ids, rot, grad = problem(dtype, B, H, Hkv, L, D, seed)
+          hidden_row=None, mask=None, mask_grad=False, ids=None):
+    """Forward, statistics and gradients with the mask against the float64 reference; with
+    `mask_grad` the (float) mask requires grad and its gradient is checked too."""
+    q, k, v, rand_ids, rot, grad = problem(dtype, B, H, Hkv, L, D, seed)
+    ids = rand_ids if ids is None else ids
     assert uses_kernel(q.device), "these tests must run the Triton kernels"
     if mask is None:
         mask = make_mask(kind, shape or mask_shape(kind, B, H, L, L), dtype, seed, hidden_row)
+    leaves = (q, k, v)
+    if mask_grad:
+        mask = mask.detach().requires_grad_()
+        leaves += (mask,)
     torch.manual_seed(seed)
     out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=rows, causal=causal,
                                           dropout_p=p, attn_mask=mask)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    grads = torch.autograd.grad(out, leaves, grad)
+    dq, dk, dv = grads[:3]
     keep = None
     if p:
         torch.manual_seed(seed)  # the same draw as the call's: the kernels' dropout mask, rebuilt
@@ -56,14 +63,22 @@ def check(dtype, kind, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, seed=0
 
     def ref(dt, r):
         qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        refs = (qq, kk, vv)
+        mm = mask
+        if mask_grad:  # in float64 for the exact run, in its own dtype for the low-precision one
+            mm = mask.detach().to(dt if dt == torch.float64 else mask.dtype).requires_grad_()
+            refs += (mm,)
         o, s = rollingq_attention_reference(qq, kk, vv, ids, M, r, rows, causal, dropout_p=p, dropout_mask=keep,
-                                            attn_mask=mask)
-        return (o,) + torch.autograd.grad(o, (qq, kk, vv), grad.to(dt)), s
+                                            attn_mask=mm)
+        return (o,) + torch.autograd.grad(o, refs, grad.to(dt)), s
 
     r64, s64 = ref(torch.float64, None if rot is None else rot.double())
     rlp, _ = ref(dtype, rot)
-    for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), r64, rlp):
+    names = ("out", "dq", "dk", "dv", "d_mask")
+    for name, got, a, b in zip(names, (out,) + grads, r64, rlp):
         assert_close_by_rule(name, got, a, b)
+    if mask_grad:
+        assert grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
     assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
     return out, st, (dq, dk, dv)
 
@@ -110,6 +125,87 @@ def test_broadcast_and_strided_forms(form):
 def test_with_dropout():
     """Both masks at once: the dropout draw acts on the attention the user's mask leaves."""
     check(torch.float16, "bool", D=24, p=0.3, seed=14, hidden_row=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_bias_gradient_single_program(dtype, tma, monkeypatch):
+    """A bias that requires grad gets d(bias) = ds, summed over its broadcast dims ([1, H, L, L]
+    here): with GQA, padding ids, rotated rows, a hidden row; causal with descriptors, so the
+    key blocks past the diagonal, which the dQ loop skips, are written as zeros."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
+    monkeypatch.setattr(bwd, "USE_TMA", tma)
+    check(dtype, "float", causal=tma, D=40 if tma else 16, seed=31 + tma, hidden_row=6, mask_grad=True)
+
+
+def test_bias_gradient_d_split_path(monkeypatch):
+    """Every D-split program of a query block computes the same ds; one stores it."""
+    force_d_split(monkeypatch)
+    check(torch.float32, "float", D=72, causal=True, rows=9, seed=33, mask_grad=True)
+
+
+def test_bias_gradient_wide_split_path(monkeypatch):
+    """The wide dQ split: two programs per query block, one stores ds."""
+    force_wide_split(monkeypatch)
+    check(torch.float16, "float", D=72, rows=9, seed=34, mask_grad=True)
+
+
+def test_bias_gradient_with_dropout():
+    """ds under dropout, p * (z * dp / (1 - p_drop) - delta), is the bias's gradient too."""
+    check(torch.float16, "float", D=24, p=0.3, seed=35, hidden_row=3, mask_grad=True)
+
+
+@pytest.mark.parametrize("form", ["keys", "square", "batch_rows", "full_fp16", "transposed"])
+def test_bias_gradient_broadcast_forms(form):
+    """The gradient comes back in the mask's own shape and dtype: summed (in float32) over every
+    broadcast dim, or stored directly for a full [B, H, L, L] mask (fp16 mask, fp32 inputs)."""
+    B, H, L = 2, 4, 21
+    shapes = {"keys": (L,), "square": (L, L), "batch_rows": (B, 1, L, 1), "full_fp16": (B, H, L, L)}
+    if form == "transposed":
+        mask = make_mask("float", (B, H, L, L), torch.float32, 36).transpose(-1, -2)
+    else:
+        mask = make_mask("float", shapes[form], torch.float16 if form == "full_fp16" else torch.float32, 36)
+    check(torch.float32, None, B=B, H=H, L=L, mask=mask, seed=36, causal=form == "square", mask_grad=True)
+
+
+def test_bias_gradient_past_trailing_padding():
+    """Per-batch ids padded at the end: the dQ loop stops at each row's last live key (TRIM), and
+    the key blocks after it get a zero bias gradient."""
+    B, L = 3, 37
+    ids = torch.randint(0, M, (B, L), generator=torch.Generator().manual_seed(37)).to(DEVICE)
+    ids[0, 10:] = -1
+    ids[1, 21:] = -1
+    check(torch.float32, "float", B=B, L=L, seed=37, mask_grad=True, ids=ids)
+
+
+def test_bias_gradient_alone():
+    """Only the bias requires grad (q, k, v do not): the forward still saves its rotated queries,
+    and the bias's gradient matches the float64 reference."""
+    q, k, v, ids, rot, grad = problem(torch.float32, 2, 2, 1, 19, 16, 38)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    mask = make_mask("float", (2, 19), torch.float32, 38)[:, None, None, :].requires_grad_()
+    out, _ = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=4, attn_mask=mask)
+    (got,) = torch.autograd.grad(out, mask, grad)
+    m64 = mask.detach().double().requires_grad_()
+    o64, _ = rollingq_attention_reference(q.double(), k.double(), v.double(), ids, M, rot.double(), 4,
+                                          attn_mask=m64)
+    (want,) = torch.autograd.grad(o64, m64, grad.double())
+    assert got.shape == mask.shape and (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_bias_gradient_matches_sdpa():
+    """The same gradient as torch.nn.functional.scaled_dot_product_attention's for its attn_mask
+    (no padding ids, no rotation)."""
+    gen = torch.Generator().manual_seed(39)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=gen).to(DEVICE) for _ in range(3))
+    grad = torch.randn(2, 3, 17, 16, generator=gen).to(DEVICE)
+    ids = torch.zeros(17, dtype=torch.long, device=DEVICE)
+    bias = torch.randn(1, 3, 17, 17, generator=gen).to(DEVICE).requires_grad_()
+    out, _ = rollingq.rollingq_attention(q, k, v, ids, 1, attn_mask=bias, scale=0.3)
+    (got,) = torch.autograd.grad(out, bias, grad)
+    want_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+    (want,) = torch.autograd.grad(want_out, bias, grad)
+    assert (got - want).abs().max().item() < 1e-5 and got.abs().max().item() > 1e-3
 
 
 def test_hidden_rows_are_zero_and_finite():
@@ -164,7 +260,6 @@ def test_convention_matches_sdpa():
     (torch.ones(1, 1, 1, 9, 9, dtype=torch.bool), ValueError, "broadcast"),
     (torch.ones(9, 9, dtype=torch.int32), TypeError, "attn_mask must be bool"),
     (torch.zeros(9, 9, dtype=torch.float64), TypeError, "attn_mask must be bool"),
-    (torch.zeros(9, 9, requires_grad=True), ValueError, "require grad"),
     (torch.tensor([[float("nan")] * 9] * 9), ValueError, "NaN"),
     (torch.full((9, 9), float("inf")), ValueError, "NaN"),
     ([[True] * 9] * 9, TypeError, "attn_mask must be a torch.Tensor"),
@@ -186,10 +281,13 @@ def test_launchers_check_the_mask():
                                    0.25, False, False, attn_mask=torch.ones(3, 9, dtype=torch.bool, device=DEVICE))
 
 
-def test_torch_compile_fullgraph():
-    """Traced with the mask as a graph input: equal to eager, forward and gradients."""
+@pytest.mark.parametrize("learned", [False, True], ids=["constant", "learned"])
+def test_torch_compile_fullgraph(learned):
+    """Traced with the mask as a graph input: equal to eager, forward and gradients (the mask's
+    too when it requires grad)."""
     q, k, v, ids, rot, grad = problem(torch.float32, 1, 2, 2, 16, 16, 21)
-    mask = make_mask("float", (16, 16), torch.float32, 21)
+    mask = make_mask("float", (16, 16), torch.float32, 21).requires_grad_(learned)
+    leaves = (q, k, v, mask) if learned else (q, k, v)
 
     def f(q, k, v, mask):
         return rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2, attn_mask=mask)[0]
@@ -198,9 +296,44 @@ def test_torch_compile_fullgraph():
     got = []
     for fn in (f, compiled):
         out = fn(q, k, v, mask)
-        got.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
+        got.append((out,) + torch.autograd.grad(out, leaves, grad))
+    assert len(got[1]) == len(leaves) + 1
     for a, b in zip(*got):
         assert torch.equal(a, b)
+
+
+def test_mask_gradient_arguments_are_checked():
+    """The launcher forms a gradient only for a float mask, and only where the dense
+    [B, H, Lq, Lk] buffer's (batch, head) slices fit 32-bit offsets (meta tensors: nothing is
+    allocated)."""
+    from rollingq.kernels.attn_mask import grad_buffer
+
+    with pytest.raises(ValueError, match="float attn_mask"):
+        grad_buffer(torch.ones(9, 9, dtype=torch.bool), 1, 1, 9, 9)
+    with pytest.raises(ValueError, match="float attn_mask"):
+        grad_buffer(None, 1, 1, 9, 9)
+    row = torch.empty(1, 46341, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="attn_mask.*2\\^31"):
+        grad_buffer(row, 1, 1, 46341, 46341)
+    buf = grad_buffer(row, 2, 3, 46340, 46341)
+    assert buf.shape == (2, 3, 46340, 46341) and buf.dtype == torch.float32  # summed over broadcast dims
+    full = torch.empty(2, 3, 5, 7, device="meta", dtype=torch.bfloat16)
+    assert grad_buffer(full, 2, 3, 5, 7).dtype == torch.bfloat16  # nothing to sum: the mask's dtype
+
+
+def test_opcheck_with_bias_gradient():
+    """torch.library.opcheck of both ops with a bias that requires grad: the forward's autograd
+    registration returns its gradient, the backward op's fake result has its shape and dtype."""
+    from rollingq import ops
+
+    q, k, v, ids, rot, grad = problem(torch.float16, 2, 4, 2, 12, 16, 40)
+    ids = ids.to(torch.int32)
+    bias = make_mask("float", (1, 4, 12, 12), torch.float32, 40).requires_grad_()
+    args = (q, k, v, ids, M, rot, None, True, 0.25, True, True, 0.0, None, bias)
+    torch.library.opcheck(ops.attention_fwd_op, args)
+    out, lse, q_rot, _, _ = ops.attention_fwd_op(*args)
+    torch.library.opcheck(ops.attention_bwd_op, (grad, q_rot, k.detach(), v.detach(), out.detach(), lse, ids, True,
+                                                 0.25, rot, None, 0.0, None, bias.detach(), True))
 
 
 def test_torch_compile_dynamic_shapes():
@@ -240,6 +373,30 @@ def test_module_follows_multihead_attention():
     assert torch.allclose(st.attn_mass.cpu().double(), want_st.attn_mass.double(), atol=1e-5)
     with pytest.raises(ValueError, match="attn_mask"):
         m.to(DEVICE)(x, ids, attn_mask=torch.zeros(8, 9, 9, dtype=torch.bool, device=DEVICE))
+
+
+def test_module_learned_bias():
+    """A learned per-head bias (e.g. relative positions) passed to RollingQAttention as a float
+    attn_mask gets its gradient: equal to the same model run through the PyTorch reference."""
+    import copy
+
+    gen = torch.Generator().manual_seed(41)
+    m = rollingq.RollingQAttention(32, 4, 2, num_fusion_tokens=1).to(DEVICE)
+    x = torch.randn(2, 9, 32, generator=gen).to(DEVICE)
+    ids = torch.randint(0, 2, (8,), generator=gen).to(DEVICE)
+    bias = torch.nn.Parameter(torch.randn(1, 4, 9, 9, generator=gen).to(DEVICE))
+    ref_m, ref_bias = copy.deepcopy(m).cpu(), torch.nn.Parameter(bias.detach().cpu())
+    out, _ = m(x, ids, attn_mask=bias)
+    out.square().sum().backward()
+    previous = set_cpu_backend("reference")
+    try:
+        want, _ = ref_m(x.cpu(), ids.cpu(), attn_mask=ref_bias)
+        want.square().sum().backward()
+    finally:
+        set_cpu_backend(previous)
+    assert ref_bias.grad.abs().max().item() > 1e-2
+    assert torch.allclose(bias.grad.cpu(), ref_bias.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(m.q_proj.weight.grad.cpu(), ref_m.q_proj.weight.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -296,19 +453,21 @@ def test_rows_under_a_large_finite_bias(fill):
     ids = torch.zeros_like(ids)
     mask = make_mask("float", (16, 16), torch.float32, 24)
     mask[5] = fill
+    mask.requires_grad_()
     row_grad = torch.zeros_like(grad)
     row_grad[:, :, 5] = grad[:, :, 5]  # only the row under the bias sends a gradient
     out, _ = rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=mask)
-    got = (out,) + torch.autograd.grad(out, (q, k, v), row_grad)
+    got = (out,) + torch.autograd.grad(out, (q, k, v, mask), row_grad)
 
     def ref(dt):
-        qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
-        o, _ = rollingq_attention_reference(qq, kk, vv, ids, M, attn_mask=mask.to(dt))
-        return (o,) + torch.autograd.grad(o, (qq, kk, vv), row_grad.to(dt))
+        qq, kk, vv, mm = (t.detach().to(dt).requires_grad_() for t in (q, k, v, mask))
+        o, _ = rollingq_attention_reference(qq, kk, vv, ids, M, attn_mask=mm)
+        return (o,) + torch.autograd.grad(o, (qq, kk, vv, mm), row_grad.to(dt))
 
     r64, r32 = ref(torch.float64), ref(torch.float32)
     if fill <= -1e30:  # the bias swamps the scores even in float64: every key weighs 1 / L there
         uniform = v.detach().double().mean(2, keepdim=True).expand(-1, 2, -1, -1)
         assert (r64[0][:, :, 5:6] - uniform).abs().max().item() < 1e-6
-    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, r64, r32):
+    assert r64[4][5].abs().max().item() > 1e-3  # the row's bias gets a gradient, the others none
+    for name, a, b, c in zip(("out", "dq", "dk", "dv", "d_mask"), got, r64, r32):
         assert_close_by_rule(name, a, b, c)

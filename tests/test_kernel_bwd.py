@@ -93,7 +93,7 @@ def _run_and_check(q, k, v, ids, rotation, rotate_rows, causal, do, scale=None, 
     if pass_rotation and not pass_mask:
         rot_mask = rotate_row_mask(Lq, B, Lq, q.device)  # what the forward used
     q_rot, out, lse = _kernel_inputs(q, k, v, ids2d, eff_rot, rot_mask, causal, scale)
-    dq, dk, dv = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, causal, scale,
+    dq, dk, dv, _ = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, causal, scale,
                                    rotation if pass_rotation else None, rot_mask if pass_mask else None)
     ref64 = _reference_grads(q, k, v, ids, eff_rot, eff_rows, causal, scale, do, torch.float64)
     reflp = _reference_grads(q, k, v, ids, eff_rot, eff_rows, causal, scale, do, q.dtype)
@@ -214,7 +214,7 @@ def test_bwd_strided_inputs(dtype):
     q_rot, out, lse = _kernel_inputs(q, k, v, ids2d, rot, rot_mask, False, D ** -0.5)
     q_rot = q_rot.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, like a saved view
     out = out.transpose(1, 2).contiguous().transpose(1, 2)
-    dq, dk, dv = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, False, D ** -0.5, rot, rot_mask)
+    dq, dk, dv, _ = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, False, D ** -0.5, rot, rot_mask)
     ref64 = _reference_grads(q, k, v, ids, rot, rows, False, D ** -0.5, do, torch.float64)
     reflp = _reference_grads(q, k, v, ids, rot, rows, False, D ** -0.5, do, dtype)
     for name, got, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64, reflp):
