@@ -37,12 +37,14 @@ class Problem(NamedTuple):
     dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
     dropout: float = 0.0  # attention dropout probability
     trim: Optional[bool] = None  # force the key loops' trailing-padding trim on or off (None: the launchers decide)
-    mask: Optional[str] = None  # user attention mask: None, "bool" (keep) or "float" (bias), tests.numerics.mask_shape
+    # user attention mask: None, "bool" (keep), "float" (bias) or "learned" (a bias that requires grad),
+    # in tests.numerics.mask_shape's shapes
+    mask: Optional[str] = None
 
 
 def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
              dense=False, dropout=0.0, trim=None, mask=None):
-    assert mask in (None, "bool", "float"), mask
+    assert mask in (None, "bool", "float", "learned"), mask
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
                    stats, grad, dense, dropout, trim, mask)
 
@@ -75,6 +77,21 @@ CHECK_PROBLEMS = (
                                             ("H4_L2048_D256", 4, 2048, 256, False, 2),
                                             ("paper_L907_D768", 1, 907, 768, False, 3))
       for kind in ("bool", "float")),
+    # A learned bias: the dQ kernel also stores ds, the bias's gradient, into a dense [B, H, Lq, Lk]
+    # buffer (L 1024 at D 128: the recording allocates it; the compiled variants are those of L 4096).
+    *(_problem(f"{name}_mask_learned", 1, h, h, length, length, d, causal, m, mask="learned")
+      for name, h, length, d, causal, m in (("H12_L907_D64", 12, 907, 64, False, 3),
+                                            ("H16_L1024_D128_causal", 16, 1024, 128, True, 2),
+                                            ("H4_L2048_D256", 4, 2048, 256, False, 2),
+                                            ("paper_L907_D768", 1, 907, 768, False, 3))),
+    # Masks with dropout: a bool mask, and a learned bias (the float mask's forward and dK/dV, plus
+    # the gradient's store in dQ), at every D class.
+    *(_problem(f"{name}_mask_{kind}_dropout", 1, h, h, length, length, d, causal, m, dropout=0.1, mask=kind)
+      for name, h, length, d, causal, m in (("H12_L907_D64", 12, 907, 64, False, 3),
+                                            ("H16_L1024_D128_causal", 16, 1024, 128, True, 2),
+                                            ("H4_L2048_D256", 4, 2048, 256, False, 2),
+                                            ("paper_L907_D768", 1, 907, 768, False, 3))
+      for kind in ("bool", "learned") if (d, kind) != (128, "bool")),
     _problem("H16_L4096_D128_causal_mask_bool_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1,
              mask="bool"),
 )
@@ -168,7 +185,8 @@ def record(p: Problem, dtype: torch.dtype) -> list:
         with forced, captured_launches(bwd, ["_bwd_preprocess_kernel", "_bwd_dkdv", "_bwd_dq"]) as rec, \
                 captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
-                              None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed, attn_mask)
+                              None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed, attn_mask,
+                              p.mask == "learned")
         launches += rec + rotations
     return launches
 

@@ -23,6 +23,9 @@ Opt-in (EXTRA_IMPL_ORDER, run with ROLLINGQ_BENCH_EXTRA=1, not by gpu_check.sh),
   the ratio is what skipping trailing padding saves (predicted ~0.75x of the time non-causal).
 - `rollingq_mask_fwd(bwd)`: with a bool attention mask [L, L] shared by the batch and heads
   (`attn_mask_of`: about 90% True, no empty row); the ratio is the cost of reading the mask per tile.
+- `rollingq_bias_fwd(bwd)`: with a learned float bias [1, H, L, L] in the inputs' dtype (`bias_of`),
+  which requires grad in the fwd+bwd case: its ratio adds the dense [B, H, L, L] float32 gradient
+  buffer that dQ writes and its sum over the batch.
 
 The peers compute plain attention (no rotation, no statistics): the targets of design.md compare the
 product against them. Outcomes that are not measurements become records, never test errors:
@@ -60,6 +63,7 @@ class Impl:
     dropout: float = 0.0  # rollingq only: attention dropout probability
     varlen: bool = False  # rollingq only: per-batch ids, rows padded at the end (see varlen_ids)
     mask: bool = False  # rollingq only: a bool attention mask [L, L] (see attn_mask_of)
+    bias: bool = False  # rollingq only: a learned float bias [1, H, L, L] (see bias_of)
 
 
 _IMPL_LIST = (
@@ -84,6 +88,8 @@ _EXTRA_IMPL_LIST = (
     Impl("rollingq_varlen_fwdbwd", "rollingq", "fwdbwd", varlen=True),
     Impl("rollingq_mask_fwd", "rollingq", "fwd", mask=True),
     Impl("rollingq_mask_fwdbwd", "rollingq", "fwdbwd", mask=True),
+    Impl("rollingq_bias_fwd", "rollingq", "fwd", bias=True),
+    Impl("rollingq_bias_fwdbwd", "rollingq", "fwdbwd", bias=True),
 )
 IMPLS: Dict[str, Impl] = {i.name: i for i in _IMPL_LIST + _EXTRA_IMPL_LIST}
 IMPL_ORDER = tuple(i.name for i in _IMPL_LIST)
@@ -124,6 +130,8 @@ def _build_rollingq(inp: Inputs, impl: Impl) -> Callable[[], torch.Tensor]:
     rotate_rows = s.seq_len if impl.stats else None
     ids = varlen_ids(inp.modality_ids, s.batch) if impl.varlen else inp.modality_ids
     attn_mask = attn_mask_of(s.seq_len, inp.q.device) if impl.mask else None
+    if impl.bias:
+        attn_mask = bias_of(s.heads, s.seq_len, inp.q.dtype, inp.q.device, impl.direction == "fwdbwd")
 
     def forward() -> torch.Tensor:
         out, _ = rollingq.rollingq_attention(
@@ -139,6 +147,14 @@ def attn_mask_of(length: int, device) -> torch.Tensor:
     diagonal stays, so no row is empty). Built once, outside the timing."""
     i = torch.arange(length, device=device)
     return (i[:, None] + i[None, :]) % 10 != 9
+
+
+def bias_of(heads: int, length: int, dtype: torch.dtype, device, requires_grad: bool) -> torch.Tensor:
+    """A learned per-head bias [1, H, L, L] (normal, std 0.5; no -inf), as relative-position
+    biases are. Built once, outside the timing; its .grad accumulates across timed runs, as in training."""
+    gen = torch.Generator().manual_seed(0)
+    bias = 0.5 * torch.randn(1, heads, length, length, generator=gen)
+    return bias.to(device, dtype).requires_grad_(requires_grad)
 
 
 def varlen_ids(modality_ids: torch.Tensor, batch: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ class InputError(ValueError):
 def family_of(impl: str) -> str:
     """rollingq_fwd_nostats (and _fwd_denserot) -> rollingq, sdpa_flash_fwdbwd -> sdpa_flash, flex_fwd -> flex."""
     for suffix in ("_fwd_nostats", "_fwd_denserot", "_dropout_fwdbwd", "_dropout_fwd", "_varlen_fwdbwd",
-                   "_varlen_fwd", "_mask_fwdbwd", "_mask_fwd", "_fwdbwd", "_fwd"):
+                   "_varlen_fwd", "_mask_fwdbwd", "_mask_fwd", "_bias_fwdbwd", "_bias_fwd", "_fwdbwd", "_fwd"):
         if impl.endswith(suffix):
             return impl[: -len(suffix)]
     return impl

@@ -72,7 +72,7 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
 
 
 @pytest.mark.skipif(os.environ.get("ROLLINGQ_BENCH_EXTRA", "") in ("", "0"),
-                    reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout, padded rows and a mask")
+                    reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout, padded rows, a mask and a learned bias")
 @pytest.mark.parametrize("shape_name,impl", EXTRA_CASES, ids=[f"{s}-{i}" for s, i in EXTRA_CASES])
 def test_attention_extra(cuda_device, benchmark, bench_record, shape_name, impl):
     """rollingq with attention dropout 0.1, with rows padded at the end, and with a bool attention

@@ -96,11 +96,13 @@ _IEEE_DKDV = {
     "ieee-split": [(16, 32, 8, 2)],
     ("ieee-split", "dropout"): [(16, 16, 4, 2)],  # for dropout launches, whose draw spills the row above
     ("ieee-split", "mask"): [(16, 16, 8, 2)],  # for mask launches (sm_80: the dropout row spills with a mask)
+    ("ieee-128", "bias+dropout"): [(16, 32, 4, 2), (16, 16, 8, 2)],  # sm_80: both rows above spill with them
 }
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2)],
     "ieee-split": [(16, 16, 4, 2)],
+    ("ieee-split", "mask+dropout"): [(16, 16, 8, 2), (16, 16, 8, 1)],  # sm_80: the row above spills with them
 }
 _DKDV_TABLE = {
     90: {
@@ -129,13 +131,15 @@ _DQ_TABLE = {
         64: [(64, 32, 4, 3), (128, 32, 8, 2)],
         128: [(128, 32, 8, 2), (64, 32, 8, 2)],
         "split": [(64, 16, 8, 2)],
+        ("split", "bias+dropout"): [(32, 16, 8, 2), (32, 16, 4, 2)],  # the row above spills with them (D 768)
         **_IEEE_DQ,
     },
 }
 # Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
-# (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
-# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32). Their (class, "dropout") or
-# (class, "mask") lists in the table are added for them (stand-ins, chosen where a class lost every row).
+# (kernels/attn_mask.py) a mask tile, and dQ under a learned bias stores its gradient: the rows that
+# spill with them are not offered to them (bench/inspect_kernels.py --only dropout / --only mask,
+# fp16/bf16/fp32; common.launch_extras names the combinations). Their (class, extra) lists in the
+# table are added for them (stand-ins, chosen where a class lost every row). "wide" keys dQ's wide rows.
 _DKDV_DROPOUT_SPILLS = {90: {128: [(32, 128, 8, 2)], "split": [(64, 64, 8, 1)], "ieee-split": [(16, 32, 8, 2)]},
                         80: {64: [(32, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}}
 _DQ_DROPOUT_SPILLS = {90: {256: [(128, 32, 8, 2)]}}
@@ -144,10 +148,20 @@ _DKDV_SPILLS = {"dropout": _DKDV_DROPOUT_SPILLS,
                          80: {64: [(32, 64, 8, 2)], 128: [(64, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}},
                 # dropout's fp32 stand-in spills with a mask (sm_80: 24-36 B; left out on sm_90 too,
                 # where it was not built with both); the mask's stand-in serves mask + dropout
-                "mask+dropout": {arch: {"ieee-split": [(16, 16, 4, 2)]} for arch in (90, 80)}}
+                "mask+dropout": {90: {64: [(64, 128, 8, 2)], 256: [(32, 64, 8, 2)], "ieee-64": [(32, 32, 8, 2)],
+                                      "ieee-split": [(16, 16, 4, 2)]},
+                                 80: {"ieee-split": [(16, 16, 4, 2)]}},
+                "bias+dropout": {90: {64: [(64, 64, 8, 2)], "split": [(32, 64, 8, 2)]},
+                                 80: {"ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)]}}}
 _DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
               "mask": {90: {256: [(128, 32, 8, 2), (64, 64, 8, 2)]}},
-              "mask+dropout": {90: {128: [(128, 64, 8, 2)]}}}
+              "mask+dropout": {90: {128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)]},
+                               80: {"ieee-split": [(16, 16, 4, 2)]}},
+              "bias+dropout": {90: {64: [(64, 64, 4, 2)], "wide": [(64, 64, 8, 2)]},
+                               80: {"split": [(64, 16, 8, 2)], "ieee-split": [(16, 16, 4, 2)]}},
+              # storing ds, a learned bias's gradient (sm_90 16-bit: 8-88 B; fp32: 8 B)
+              "mask_grad": {90: {64: [(128, 64, 8, 2)], 128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)],
+                                 "ieee-64": [(16, 32, 8, 2)]}}}
 # dQ's wide-split rows (WIDE_CHUNK accumulators), offered beside the "split" class where it applies.
 _DQ_WIDE = {90: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]}
 # Under the interpreter one small config whose BLOCK_M != BLOCK_N, so the causal block bounds are
@@ -198,7 +212,8 @@ def _pruner(table, wide_table=None, spills=None):
             return [c for c in chosen if _row(c) == keep[0]] or configs[-1:]
         if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
                 and kwargs["HEAD_D"] <= WIDE_MAX_D):
-            wide = wide_table.get(target_arch(), [])
+            wide = [r for r in wide_table.get(target_arch(), [])
+                if r not in (common.spill_rows(spills, extras, target_arch()).get("wide", []) if spills else [])]
             chosen += [c for c in configs if c.kwargs.get("WIDE") and _row(c) in wide]
         return chosen or configs[-1:]
     return prune
@@ -379,7 +394,7 @@ def _bwd_dq_kernel(
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
-    DMASK,  # MASK_GRAD: the bias gradient, a dense [B, H, Lq, Lk] buffer (unit column stride)
+    DMASK,  # MASK_GRAD: the bias gradient, a contiguous [B, H, Lq, Lk] buffer
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -388,7 +403,6 @@ def _bwd_dq_kernel(
     s_ib, s_in,
     s_rmb, s_rmm,
     s_ab, s_ah, s_am, s_an,
-    s_gb, s_gh, s_gm,
     H, Lq, Lk, GROUP,
     sm_scale, qk_scale,
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
@@ -433,10 +447,11 @@ def _bwd_dq_kernel(
     v_base = V + b * s_vb + hkv * s_vh
     ids_base = IDS + b * s_ib
     amask_base = AMASK + b * s_ab + h * s_ah
-    dmask_base = DMASK + b * s_gb + h * s_gh
-    # The D-split programs of one query block compute the same ds: the first one stores it.
-    g_rows = m_ok & (pid_d == 0)
     row_base = (b * H + h) * Lq
+    if MASK_GRAD:
+        dmask_base = DMASK + row_base * Lk  # strides from the shape: no arguments (registers, ptxas)
+        # The D-split programs of one query block compute the same ds: the first one stores it.
+        g_rows = m_ok & (pid_d == 0)
     if MASK == 2:  # p = exp2((s - m) - log2 l); the row max is 0 where the row is empty (LSE +inf)
         row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
         lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
@@ -507,7 +522,7 @@ def _bwd_dq_kernel(
         else:
             ds = p * (dp - delta[:, None])
         if MASK_GRAD:  # s = scale * q.k + bias, so d(bias) = ds (0 wherever p is)
-            tl.store(dmask_base + offs_m[:, None] * s_gm + offs_n[None, :], ds.to(DMASK.dtype.element_ty),
+            tl.store(dmask_base + offs_m[:, None] * Lk + offs_n[None, :], ds.to(DMASK.dtype.element_ty),
                      mask=g_rows[:, None] & n_ok[None, :])
         if WIDE_ON:
             ds_dt = ds.to(dt)
@@ -524,7 +539,7 @@ def _bwd_dq_kernel(
     if MASK_GRAD:  # the key blocks the loop skips (causal, trailing padding) have zero gradient
         for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
-            tl.store(dmask_base + offs_m[:, None] * s_gm + offs_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            tl.store(dmask_base + offs_m[:, None] * Lk + offs_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                      .to(DMASK.dtype.element_ty), mask=g_rows[:, None] & (offs_n < Lk)[None, :])
 
     dq = dq * sm_scale
@@ -772,7 +787,6 @@ def attention_bwd(
         common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
         *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
-        *((0, 0, 0) if dmask is None else dmask.stride()[:3]),
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,

@@ -68,6 +68,8 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
         ("16bit", 128, "tma"): [(128, 128, 8, 3)],  # spills with pointer loads: descriptors only
+        # a float mask with dropout spills every row above (bf16); stand-ins, checked as the rest
+        ("16bit", 128, "bias+dropout"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
         ("16bit", 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
         ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1), (128, 16, 8, 1)],
         ("16bit", "wide"): [(64, 16, 8, 2), (64, 16, 8, 3)],
@@ -81,6 +83,7 @@ FWD_CONFIGS_BY_ARCH = {
         ("16bit", 64): [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
         ("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)],
         ("16bit", 128, "dropout"): [(64, 16, 8, 2)],
+        ("16bit", 64, "bias+dropout"): [(64, 32, 8, 2), (128, 16, 8, 2)],  # every row above spills with them
         ("16bit", "split"): [(64, 32, 8, 1), (64, 16, 8, 2)],
         ("fp32", 64): [(32, 32, 4, 2)],
         ("fp32", 128): [(32, 32, 8, 2)],
@@ -102,7 +105,11 @@ FWD_MASK_SPILLS = {
     80: {("16bit", 64): [(128, 64, 8, 3)], ("16bit", "split"): [(64, 32, 8, 1)]},
 }
 FWD_SPILLS = {"dropout": FWD_DROPOUT_SPILLS, "mask": FWD_MASK_SPILLS,
-              "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2)], ("fp32", 128): [(32, 32, 8, 1)]}}}
+              "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2)], ("fp32", 128): [(32, 32, 8, 1)]},
+                               80: {("16bit", 64): [(64, 64, 4, 2)]}},
+              # a float mask's tile costs more registers than a bool one's
+              "bias+dropout": {90: {("16bit", 128): [(128, 64, 8, 3), (64, 64, 4, 3)]},
+                               80: {("16bit", 64): [(128, 32, 8, 2)]}}}
 INTERPRET_CONFIG = (16, 16, 4, 1)
 
 

@@ -52,10 +52,14 @@ def live_key_ends(ids):
 
 def launch_extras(args) -> list:
     """The per-element work a launch adds to its loop, as the pruners' spill tables and stand-in
-    rows name it: "dropout" (DROPOUT), "mask" (MASK), and also "mask+dropout" when both are on
-    (rows that spill only with the two together)."""
-    names = [name for name, flag in (("dropout", "DROPOUT"), ("mask", "MASK")) if args.get(flag)]
-    return names + (["mask+dropout"] if len(names) == 2 else [])
+    rows name it: "dropout" (DROPOUT), "mask" (MASK), "mask_grad" (MASK_GRAD: dQ stores the bias's
+    gradient), and also "mask+dropout" when both are on (rows that spill only with the two together),
+    and "bias+dropout" when the mask is a float bias (MASK == 2), whose tile costs more registers."""
+    names = [name for name, flag in (("dropout", "DROPOUT"), ("mask", "MASK"), ("mask_grad", "MASK_GRAD"))
+             if args.get(flag)]
+    if args.get("DROPOUT") and args.get("MASK"):
+        names += ["mask+dropout"] + (["bias+dropout"] if args.get("MASK") == 2 else [])
+    return names
 
 
 def spill_rows(tables: dict, extras: list, arch: int) -> dict:

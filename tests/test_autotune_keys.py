@@ -213,13 +213,56 @@ def test_mask_launches_skip_the_rows_that_spill_with_it(head_dim, kind):
         assert autotune_keys(907, 907, mask="bool") != autotune_keys(907, 907, mask="float")
 
 
-@pytest.mark.parametrize("arch, head_dim, dtype, dropout, kernel, row", [
-    (90, 128, torch.float32, 0.1, "_rollingq_fwd_kernel", (32, 16, 8, 1)),
-    (80, 256, torch.float32, 0.0, "_bwd_dkdv_kernel", (16, 16, 8, 2)),
+@pytest.mark.parametrize("arch, head_dim, dtype, dropout, kind, kernel, rows", [
+    (90, 128, torch.float32, 0.1, "bool", "_rollingq_fwd_kernel", [(32, 16, 8, 1)]),
+    (80, 256, torch.float32, 0.0, "bool", "_bwd_dkdv_kernel", [(16, 16, 8, 2)]),
+    (80, 768, torch.float32, 0.1, "bool", "_bwd_dq_kernel", [(16, 16, 8, 2), (16, 16, 8, 1)]),
+    # a float mask with dropout ("bias+dropout"), with its gradient ("learned")
+    (90, 128, torch.float16, 0.1, "learned", "_rollingq_fwd_kernel", [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)]),
+    (80, 64, torch.float16, 0.1, "float", "_rollingq_fwd_kernel", [(64, 32, 8, 2), (128, 16, 8, 2)]),
+    (80, 128, torch.float32, 0.1, "float", "_bwd_dkdv_kernel", [(16, 32, 4, 2), (16, 16, 8, 2)]),
+    (80, 768, torch.float16, 0.1, "learned", "_bwd_dq_kernel", [(32, 16, 8, 2), (32, 16, 4, 2)]),
 ])
-def test_mask_stand_in_rows(arch, head_dim, dtype, dropout, kernel, row):
-    """Where a mask (with dropout) spills every row of a class, those launches get the stand-in row."""
+def test_mask_stand_in_rows(arch, head_dim, dtype, dropout, kind, kernel, rows):
+    """Where a mask (with dropout) spills every row of a class, those launches get the stand-in rows."""
     from rollingq.kernels.common import planning_for
 
     with planning_for(arch):
-        assert _pruned_rows(_every_config(), "bool", dropout, head_dim, dtype)[kernel] == [row]
+        got = _pruned_rows(_every_config(), kind, dropout, head_dim, dtype)[kernel]
+    assert sorted(got) == sorted(rows)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 768])
+def test_learned_bias_launches_skip_the_rows_that_spill_with_its_gradient(head_dim):
+    """A bias that requires grad changes only dQ (which stores its gradient): dQ's key differs from
+    the float mask's, and its rows are the float mask's less those that spill storing ds (sm_90)."""
+    from rollingq.kernels import attention_bwd
+    from rollingq.kernels.common import planning_for
+
+    every = _every_config()
+    with planning_for(90):
+        float_keys, learned_keys = (autotune_keys(907, 907, head_dim=head_dim, mask=kind) for kind in ("float", "learned"))
+        by_float, learned = (_pruned_rows(every, kind, head_dim=head_dim) for kind in ("float", "learned"))
+    assert {n for n in float_keys if float_keys[n] != learned_keys[n]} == {"_bwd_dq_kernel"}
+    spills = attention_bwd._DQ_SPILLS["mask_grad"][90]["split" if head_dim > 256 else head_dim]
+    assert learned["_bwd_dq_kernel"] == [r for r in by_float["_bwd_dq_kernel"] if r not in spills]
+    assert learned["_bwd_dq_kernel"] != by_float["_bwd_dq_kernel"]
+    assert learned["_rollingq_fwd_kernel"] == by_float["_rollingq_fwd_kernel"]
+
+
+def test_wide_rows_that_spill_are_left_out():
+    """dQ's wide-split rows go through the spill tables too ("wide"): a learned bias with dropout
+    spills the 64 x 64 wide tile (sm_90)."""
+    from rollingq.kernels.common import planning_for
+
+    every = _every_config()
+
+    def wide_rows(mask, dropout):
+        for at, named, kwargs in autotuned_launches(907, 907, head_dim=768, dropout=dropout, mask=mask):
+            if at.base_fn.__name__ == "_bwd_dq_kernel":
+                return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                        for c in at.early_config_prune(every["_bwd_dq_kernel"], named, **kwargs) if c.kwargs["WIDE"]}
+
+    with planning_for(90):
+        plain, learned = wide_rows(None, 0.0), wide_rows("learned", 0.1)
+    assert (64, 64, 8, 2) in plain and learned == plain - {(64, 64, 8, 2)}

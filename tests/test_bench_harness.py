@@ -137,6 +137,14 @@ def test_bench_attn_mask_keeps_every_row_live():
     assert summarize.family_of("rollingq_mask_fwdbwd") == "rollingq"
 
 
+def test_bench_learned_bias():
+    bias = peers.bias_of(3, 20, torch.float16, "cpu", requires_grad=True)
+    assert bias.shape == (1, 3, 20, 20) and bias.dtype == torch.float16 and bias.requires_grad
+    assert torch.isfinite(bias).all() and 0.4 < bias.float().std().item() < 0.6
+    assert not peers.bias_of(3, 20, torch.float16, "cpu", requires_grad=False).requires_grad
+    assert summarize.family_of("rollingq_bias_fwdbwd") == "rollingq"
+
+
 def test_varlen_ids_pad_rows_at_the_end():
     ids = peers.varlen_ids(torch.arange(8) % 2, 4)
     assert ids.shape == (4, 8) and ((ids >= 0).sum(1)).tolist() == [8, 7, 6, 5]
