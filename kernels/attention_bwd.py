@@ -17,10 +17,13 @@ With dropout the forward's output was sum_j z_ij p_ij v_j / (1 - p_drop), z the 
 kernels/dropout.py redraws here: dv takes z * p / (1 - p_drop), and dp is replaced by
 z * dp / (1 - p_drop) in ds = p * (dp - delta); delta = do . out needs no change.
 A user attention mask (MASK, kernels/attn_mask.py) is reread per tile and enters p as in the forward.
-A bias that requires grad (MASK_GRAD) gets d(bias) = ds, the gradient of the natural-log scores: the
-dQ kernel, which walks each score tile once per query block, stores its ds tiles into a dense
-[B, H, Lq, Lk] buffer that the launcher sums over the mask's broadcast dims (as SDPA's
-memory-efficient backward does).
+A bias that requires grad (MASK_GRAD) gets d(bias) = ds, the gradient of the natural-log scores,
+which the dQ kernel forms once per score tile. A contiguous bias shared over the batch and/or the
+heads (a learned [1, H, L, L] or [L, L] bias) has its ds tiles added by atomics into a float32
+buffer of its own shape, through its own (stride-0 broadcast) strides (MASK_GRAD 2); otherwise,
+and under torch.use_deterministic_algorithms, dQ stores them into a dense [B, H, Lq, Lk] buffer
+that the launcher sums over the broadcast dims, as SDPA's memory-efficient backward does
+(MASK_GRAD 1; attn_mask.grad_plan).
 
 Numerics: fp32 accumulators everywhere; fp32 inputs use IEEE dots (no tf32); fp16/bf16 inputs cast
 p and ds to the input type before their dots, as FlashAttention does. bf16 differs from fp16 only
@@ -51,6 +54,7 @@ import triton.language as tl
 
 from . import common
 from .attn_mask import grad_buffer as mask_grad_buffer
+from .attn_mask import grad_plan as mask_grad_plan
 from .attn_mask import kind_of, lse_planes, lse_shape, mask_tile
 from .attn_mask import launch_args as mask_launch_args
 from .common import interpreting, next_pow2, target_arch
@@ -394,7 +398,7 @@ def _bwd_dq_kernel(
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
     ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
-    DMASK,  # MASK_GRAD: the bias gradient, a contiguous [B, H, Lq, Lk] buffer
+    DMASK,  # MASK_GRAD: the bias gradient (1: a contiguous [B, H, Lq, Lk] buffer; 2: float32, AMASK's strides)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -417,7 +421,7 @@ def _bwd_dq_kernel(
     DROPOUT: tl.constexpr,
     TRIM: tl.constexpr,  # per-batch ids: stop each row's key loop at its last live key (KV_END)
     MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
-    MASK_GRAD: tl.constexpr,  # MASK == 2 and the bias requires grad: store ds into DMASK
+    MASK_GRAD: tl.constexpr,  # MASK == 2 and the bias requires grad: 1 store ds into DMASK, 2 add it (atomics)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
@@ -449,9 +453,12 @@ def _bwd_dq_kernel(
     amask_base = AMASK + b * s_ab + h * s_ah
     row_base = (b * H + h) * Lq
     if MASK_GRAD:
-        dmask_base = DMASK + row_base * Lk  # strides from the shape: no arguments (registers, ptxas)
-        # The D-split programs of one query block compute the same ds: the first one stores it.
+        # The D-split programs of one query block compute the same ds: the first one writes it.
         g_rows = m_ok & (pid_d == 0)
+    if MASK_GRAD == 2:  # the mask's own strides: a shared bias's broadcast dims sum in place
+        dmask_base = DMASK + b * s_ab + h * s_ah
+    if MASK_GRAD == 1:
+        dmask_base = DMASK + row_base * Lk  # strides from the shape: no arguments (registers, ptxas)
     if MASK == 2:  # p = exp2((s - m) - log2 l); the row max is 0 where the row is empty (LSE +inf)
         row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
         lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
@@ -521,9 +528,13 @@ def _bwd_dq_kernel(
             ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
         else:
             ds = p * (dp - delta[:, None])
-        if MASK_GRAD:  # s = scale * q.k + bias, so d(bias) = ds (0 wherever p is)
+        # s = scale * q.k + bias, so d(bias) = ds (0 wherever p is)
+        if MASK_GRAD == 1:
             tl.store(dmask_base + offs_m[:, None] * Lk + offs_n[None, :], ds.to(DMASK.dtype.element_ty),
                      mask=g_rows[:, None] & n_ok[None, :])
+        if MASK_GRAD == 2:  # hidden elements add nothing: no atomic is issued for them
+            tl.atomic_add(dmask_base + offs_m[:, None] * s_am + offs_n[None, :] * s_an, ds,
+                          mask=g_rows[:, None] & vis, sem="relaxed")
         if WIDE_ON:
             ds_dt = ds.to(dt)
             dq = tl.dot(ds_dt, load_chunk(k_base, offs_n, n_ok, s_kn, s_kd, a_col, offs_w, HEAD_D), dq,
@@ -536,7 +547,7 @@ def _bwd_dq_kernel(
                              dq2, input_precision=prec)
         else:
             dq = tl.dot(ds.to(dt), k_o, dq, input_precision=prec)
-    if MASK_GRAD:  # the key blocks the loop skips (causal, trailing padding) have zero gradient
+    if MASK_GRAD == 1:  # the key blocks the loop skips (causal, trailing padding) have zero gradient
         for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
             tl.store(dmask_base + offs_m[:, None] * Lk + offs_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -742,7 +753,8 @@ def attention_bwd(
     drop_args = dropout_launch_args(dropout_p, seed, dev)
     amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, lse)
     lse, row_max = lse_planes(lse, mask_kind)
-    dmask = mask_grad_buffer(attn_mask, B, H, Lq, Lk) if mask_grad else None
+    grad_mode = mask_grad_plan(attn_mask, B, H, Lq, Lk, common.deterministic()) if mask_grad else 0
+    dmask = mask_grad_buffer(attn_mask, B, H, Lq, Lk, grad_mode) if mask_grad else None
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
@@ -790,7 +802,7 @@ def attention_bwd(
         H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=mask_grad,
+        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
         SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
         EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
     )
@@ -798,6 +810,6 @@ def attention_bwd(
         # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
         # in place for the factored form (no second dq buffer; unrotated rows are not touched).
         dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
-    if dmask is not None:  # the broadcast dims' sum (a no-op for a full [B, H, Lq, Lk] mask)
-        dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    if dmask is not None:  # dense: the broadcast dims' sum (a no-op for a full [B, H, Lq, Lk] mask)
+        dmask = (dmask.sum_to_size(attn_mask.shape) if grad_mode == 1 else dmask).to(attn_mask.dtype)
     return dq, dk, dv, dmask

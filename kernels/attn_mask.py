@@ -12,8 +12,9 @@ such as -1e30 on a whole row makes m so large that m + log2(l) rounds to m in fp
 backward's p = exp2(s - lse) would come out as 1 instead of 1 / l. The backward then forms
 p = exp2((s - m) - log2(l)).
 
-A bias that requires grad gets ds, the gradient of the scores, which the dQ kernel stores into a
-dense buffer (`grad_buffer`); the launcher sums it over the broadcast dims.
+A bias that requires grad gets ds, the gradient of the scores, from the dQ kernel: added by
+atomics into a buffer of the bias's own shape where that shape is shared over batch or heads, else
+stored into a dense buffer that the launcher sums over the broadcast dims (`grad_plan`).
 """
 import torch
 import triton
@@ -75,13 +76,34 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
     return (full.view(torch.uint8) if kind == KEEP else full), full.stride(), kind
 
 
-def grad_buffer(attn_mask, B: int, H: int, Lq: int, Lk: int):
-    """The dense [B, H, Lq, Lk] buffer the dQ kernel stores a bias's gradient into (attention_bwd's
-    mask_grad): float32 where the mask broadcasts (the broadcast dims are summed afterwards), else
-    the mask's own dtype. Written with 32-bit offsets within each (batch, head) slice."""
+DENSE_GRAD, SHARED_GRAD = 1, 2  # the dQ kernel's MASK_GRAD
+
+
+def grad_plan(attn_mask, B: int, H: int, Lq: int, Lk: int, deterministic: bool = False) -> int:
+    """How dQ forms a bias's gradient. SHARED_GRAD: the bias is contiguous, broadcasts over the batch
+    and/or the heads only (its Lq and Lk dims are whole), so dQ adds each ds tile by atomics into a
+    float32 buffer of the bias's own shape and strides: B*H/(its B*H) times less memory than the
+    dense buffer and no sum afterwards, but the float32 additions land in run-dependent order.
+    DENSE_GRAD otherwise: a bias shared along rows or keys (the atomics of one tile would hit one
+    address), a full [B, H, Lq, Lk] one (nothing to sum), a strided one, or deterministic mode."""
     if kind_of(attn_mask) != BIAS:
         raise ValueError(f"mask_grad needs a float attn_mask, got "
                          f"{'None' if attn_mask is None else attn_mask.dtype}")
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    shared = shape[0] * shape[1] < B * H and shape[2] == Lq and shape[3] == Lk
+    return SHARED_GRAD if shared and attn_mask.is_contiguous() and not deterministic else DENSE_GRAD
+
+
+def grad_buffer(attn_mask, B: int, H: int, Lq: int, Lk: int, plan: int = DENSE_GRAD):
+    """The buffer the dQ kernel writes a bias's gradient into (attention_bwd's mask_grad). SHARED_GRAD:
+    zeros of the bias's shape in float32 (contiguous, as the bias: the kernel adds through the bias's
+    strides). DENSE_GRAD: [B, H, Lq, Lk], float32 where the mask broadcasts (the broadcast dims are
+    summed afterwards), else the mask's own dtype, addressed with 32-bit offsets per (batch, head)."""
+    if kind_of(attn_mask) != BIAS:
+        raise ValueError(f"mask_grad needs a float attn_mask, got "
+                         f"{'None' if attn_mask is None else attn_mask.dtype}")
+    if plan == SHARED_GRAD:
+        return torch.zeros(attn_mask.shape, device=attn_mask.device, dtype=torch.float32)
     if Lq * Lk >= MAX_SLICE_OFFSET:
         raise ValueError(f"attn_mask: its gradient is formed as a dense [B, H, Lq, Lk] buffer addressed with 32-bit "
                          f"offsets per (batch, head), and Lq * Lk = {Lq} * {Lk} is 2^31 or more; split Lq")

@@ -127,27 +127,37 @@ def test_with_dropout():
     check(torch.float16, "bool", D=24, p=0.3, seed=14, hidden_row=3)
 
 
+# The two ways dQ forms a bias's gradient (kernels/attn_mask.grad_plan): a bias shared by the batch
+# ([1, H, L, L], contiguous) gets its ds tiles added by atomics into its own shape; a full
+# [B, H, L, L] one has them stored into a dense buffer (and the skipped key blocks zero-filled).
+PLANS = {"shared": lambda B, H, L: (1, H, L, L), "dense": lambda B, H, L: (B, H, L, L)}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
-def test_bias_gradient_single_program(dtype, tma, monkeypatch):
-    """A bias that requires grad gets d(bias) = ds, summed over its broadcast dims ([1, H, L, L]
-    here): with GQA, padding ids, rotated rows, a hidden row; causal with descriptors, so the
-    key blocks past the diagonal, which the dQ loop skips, are written as zeros."""
+def test_bias_gradient_single_program(dtype, tma, plan, monkeypatch):
+    """A bias that requires grad gets d(bias) = ds, summed over its broadcast dims: with GQA,
+    padding ids, rotated rows, a hidden row; causal with descriptors, so the key blocks past the
+    diagonal, which the dQ loop skips, get zero gradient."""
     monkeypatch.setattr(attention_fwd, "USE_TMA", tma)
     monkeypatch.setattr(bwd, "USE_TMA", tma)
-    check(dtype, "float", causal=tma, D=40 if tma else 16, seed=31 + tma, hidden_row=6, mask_grad=True)
+    check(dtype, "float", causal=tma, D=40 if tma else 16, seed=31 + tma, hidden_row=6, mask_grad=True,
+          shape=PLANS[plan](2, 4, 37))
 
 
-def test_bias_gradient_d_split_path(monkeypatch):
-    """Every D-split program of a query block computes the same ds; one stores it."""
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_bias_gradient_d_split_path(plan, monkeypatch):
+    """Every D-split program of a query block computes the same ds; one stores (or adds) it."""
     force_d_split(monkeypatch)
-    check(torch.float32, "float", D=72, causal=True, rows=9, seed=33, mask_grad=True)
+    check(torch.float32, "float", D=72, causal=True, rows=9, seed=33, mask_grad=True, shape=PLANS[plan](2, 4, 37))
 
 
-def test_bias_gradient_wide_split_path(monkeypatch):
-    """The wide dQ split: two programs per query block, one stores ds."""
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_bias_gradient_wide_split_path(plan, monkeypatch):
+    """The wide dQ split: two programs per query block, one stores (or adds) ds."""
     force_wide_split(monkeypatch)
-    check(torch.float16, "float", D=72, rows=9, seed=34, mask_grad=True)
+    check(torch.float16, "float", D=72, rows=9, seed=34, mask_grad=True, shape=PLANS[plan](2, 4, 37))
 
 
 def test_bias_gradient_with_dropout():
@@ -155,12 +165,15 @@ def test_bias_gradient_with_dropout():
     check(torch.float16, "float", D=24, p=0.3, seed=35, hidden_row=3, mask_grad=True)
 
 
-@pytest.mark.parametrize("form", ["keys", "square", "batch_rows", "full_fp16", "transposed"])
+@pytest.mark.parametrize("form", ["keys", "square", "per_batch", "per_head", "batch_rows", "full_fp16", "transposed"])
 def test_bias_gradient_broadcast_forms(form):
-    """The gradient comes back in the mask's own shape and dtype: summed (in float32) over every
-    broadcast dim, or stored directly for a full [B, H, L, L] mask (fp16 mask, fp32 inputs)."""
+    """The gradient comes back in the mask's own shape and dtype: added up by atomics where the
+    bias is shared by batch or heads ([L, L], [B, 1, L, L], [H, L, L]), summed in float32 over the
+    broadcast dims of a dense buffer otherwise, or stored directly for a full [B, H, L, L] mask
+    (fp16 mask, fp32 inputs)."""
     B, H, L = 2, 4, 21
-    shapes = {"keys": (L,), "square": (L, L), "batch_rows": (B, 1, L, 1), "full_fp16": (B, H, L, L)}
+    shapes = {"keys": (L,), "square": (L, L), "per_batch": (B, 1, L, L), "per_head": (H, L, L),
+              "batch_rows": (B, 1, L, 1), "full_fp16": (B, H, L, L)}
     if form == "transposed":
         mask = make_mask("float", (B, H, L, L), torch.float32, 36).transpose(-1, -2)
     else:
@@ -168,14 +181,50 @@ def test_bias_gradient_broadcast_forms(form):
     check(torch.float32, None, B=B, H=H, L=L, mask=mask, seed=36, causal=form == "square", mask_grad=True)
 
 
-def test_bias_gradient_past_trailing_padding():
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_bias_gradient_past_trailing_padding(plan):
     """Per-batch ids padded at the end: the dQ loop stops at each row's last live key (TRIM), and
     the key blocks after it get a zero bias gradient."""
     B, L = 3, 37
     ids = torch.randint(0, M, (B, L), generator=torch.Generator().manual_seed(37)).to(DEVICE)
     ids[0, 10:] = -1
     ids[1, 21:] = -1
-    check(torch.float32, "float", B=B, L=L, seed=37, mask_grad=True, ids=ids)
+    check(torch.float32, "float", B=B, L=L, seed=37, mask_grad=True, ids=ids, shape=PLANS[plan](B, 4, L))
+
+
+@pytest.mark.parametrize("shape, contiguous, deterministic, plan", [
+    ((1, 4, 9, 11), True, False, "shared"), ((4, 9, 11), True, False, "shared"), ((9, 11), True, False, "shared"),
+    ((2, 1, 9, 11), True, False, "shared"), ((2, 4, 9, 11), True, False, "dense"), ((11,), True, False, "dense"),
+    ((1, 4, 1, 11), True, False, "dense"), ((2, 1, 9, 1), True, False, "dense"), ((1, 4, 9, 11), False, False, "dense"),
+    ((1, 4, 9, 11), True, True, "dense")])
+def test_gradient_plan(shape, contiguous, deterministic, plan):
+    """Atomics only where a tile's elements have distinct addresses (the bias's Lq and Lk dims are
+    whole), the bias is shared by batch or heads, its strides are its shape's, and the run need not
+    repeat bit for bit; the dense buffer otherwise."""
+    from rollingq.kernels.attn_mask import DENSE_GRAD, SHARED_GRAD, grad_plan
+
+    bias = torch.zeros(shape) if contiguous else torch.zeros(shape[:-2] + shape[:-3:-1]).transpose(-1, -2)
+    assert grad_plan(bias, 2, 4, 9, 11, deterministic) == {"shared": SHARED_GRAD, "dense": DENSE_GRAD}[plan]
+
+
+def test_shared_bias_gradient_under_deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True): the dense path (no atomics), bit for bit the same
+    from run to run, and equal to the atomics' result to float32 rounding."""
+    q, k, v, ids, rot, grad = problem(torch.float32, 2, 2, 1, 21, 16, 42)
+    bias = make_mask("float", (1, 2, 21, 21), torch.float32, 42).requires_grad_()
+
+    def bias_grad():
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, attn_mask=bias)
+        return torch.autograd.grad(out, bias, grad)[0]
+
+    by_atomics = bias_grad()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = bias_grad(), bias_grad()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(first, second) and (first - by_atomics).abs().max().item() < 1e-5
 
 
 def test_bias_gradient_alone():
