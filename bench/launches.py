@@ -37,14 +37,16 @@ class Problem(NamedTuple):
     dense: bool = False  # the rotation as a dense [H, D, D] matrix instead of a plane rotation's factors
     dropout: float = 0.0  # attention dropout probability
     trim: Optional[bool] = None  # force the key loops' trailing-padding trim on or off (None: the launchers decide)
-    # user attention mask: None, "bool" (keep), "float" (bias) or "learned" (a bias that requires grad),
-    # in tests.numerics.mask_shape's shapes
+    # user attention mask: None, "bool" (keep) or "float" (bias) in tests.numerics.mask_shape's shapes,
+    # or a bias that requires grad: "learned" ([1, H, Lq, Lk]: dQ adds its gradient by atomics when
+    # B > 1), "learned_full" ([B, H, Lq, Lk]: stored densely in its dtype), "learned_keys" ([Lk]:
+    # stored densely in float32, then summed); kernels/attn_mask.grad_plan
     mask: Optional[str] = None
 
 
 def _problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch=False, rotate_rows="all", stats=True, grad=True,
              dense=False, dropout=0.0, trim=None, mask=None):
-    assert mask in (None, "bool", "float", "learned"), mask
+    assert mask in (None, "bool", "float", "learned", "learned_full", "learned_keys"), mask
     return Problem(name, b, h, hkv, lq, lk, d, causal, m, per_batch, lq if rotate_rows == "all" else rotate_rows,
                    stats, grad, dense, dropout, trim, mask)
 
@@ -77,21 +79,22 @@ CHECK_PROBLEMS = (
                                             ("H4_L2048_D256", 4, 2048, 256, False, 2),
                                             ("paper_L907_D768", 1, 907, 768, False, 3))
       for kind in ("bool", "float")),
-    # A learned bias: the dQ kernel also stores ds, the bias's gradient, into a dense [B, H, Lq, Lk]
-    # buffer (L 1024 at D 128: the recording allocates it; the compiled variants are those of L 4096).
-    *(_problem(f"{name}_mask_learned", 1, h, h, length, length, d, causal, m, mask="learned")
-      for name, h, length, d, causal, m in (("H12_L907_D64", 12, 907, 64, False, 3),
-                                            ("H16_L1024_D128_causal", 16, 1024, 128, True, 2),
-                                            ("H4_L2048_D256", 4, 2048, 256, False, 2),
-                                            ("paper_L907_D768", 1, 907, 768, False, 3))),
-    # Masks with dropout: a bool mask, and a learned bias (the float mask's forward and dK/dV, plus
-    # the gradient's store in dQ), at every D class.
-    *(_problem(f"{name}_mask_{kind}_dropout", 1, h, h, length, length, d, causal, m, dropout=0.1, mask=kind)
+    # A learned bias: dQ also writes ds, the bias's gradient (batch 2, so that a [1, H, L, L] bias is
+    # shared and takes the atomics; L 1024 at D 128: the recording allocates the dense buffers, and
+    # the compiled variants are those of L 4096). Masks with dropout: a bool mask, and a learned
+    # bias (the float mask's forward and dK/dV, plus the gradient in dQ), at every D class.
+    *(_problem(f"{name}_mask_{kind}{'_dropout' * bool(p)}", 2, h, h, length, length, d, causal, m, dropout=p,
+               mask=kind)
       for name, h, length, d, causal, m in (("H12_L907_D64", 12, 907, 64, False, 3),
                                             ("H16_L1024_D128_causal", 16, 1024, 128, True, 2),
                                             ("H4_L2048_D256", 4, 2048, 256, False, 2),
                                             ("paper_L907_D768", 1, 907, 768, False, 3))
-      for kind in ("bool", "learned") if (d, kind) != (128, "bool")),
+      for kind, p in (("learned", 0.0), ("learned", 0.1), ("bool", 0.1), ("learned_full", 0.0),
+                      ("learned_keys", 0.0), ("learned_full", 0.1))
+      if (kind, p) in (("learned", 0.0), ("learned", 0.1)) or (d, kind, p) in (
+          (256, "bool", 0.1), (768, "bool", 0.1), (64, "bool", 0.1), (64, "learned_full", 0.0),
+          (768, "learned_full", 0.0), (128, "learned_keys", 0.0), (256, "learned_keys", 0.0),
+          (64, "learned_full", 0.1))),
     _problem("H16_L4096_D128_causal_mask_bool_dropout", 1, 16, 16, 4096, 4096, 128, True, 2, dropout=0.1,
              mask="bool"),
 )
@@ -128,8 +131,9 @@ def gpu_check_problems() -> List[Problem]:
         out.append(_problem(f"test_dropout_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
                             per_batch=True, rotate_rows=5, dense=True, dropout=0.2))
     for b, h, hkv, length, d, kind in CUDA_MASK_SHAPES:  # tests/test_attn_mask.py: 5 rows, dense rotation
-        out.append(_problem(f"test_mask_{kind}_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False, 3,
-                            per_batch=True, rotate_rows=5, dense=True, mask=kind))
+        for mask in (kind, "learned"):  # test_parity_cuda_large, test_bias_gradient_cuda_large
+            out.append(_problem(f"test_mask_{mask}_H{h}_Hkv{hkv}_L{length}_D{d}", b, h, hkv, length, length, d, False,
+                                3, per_batch=True, rotate_rows=5, dense=True, mask=mask))
     # tests/test_trailing_padding.py on CUDA: trimmed, and the same launches without the trim.
     for causal in (False, True):
         for trim in (True, False):
@@ -171,7 +175,8 @@ def record(p: Problem, dtype: torch.dtype) -> list:
         _repo_on_path()
         from tests.numerics import mask_shape
 
-        shape = mask_shape(p.mask, p.batch, p.heads, p.lq, p.lk)
+        shape = {"learned_full": (p.batch, p.heads, p.lq, p.lk), "learned_keys": (p.lk,)}.get(
+            p.mask, mask_shape(p.mask, p.batch, p.heads, p.lq, p.lk))
         attn_mask = torch.ones(shape, dtype=torch.bool) if p.mask == "bool" else torch.zeros(shape, dtype=dtype)
     forced = contextlib.nullcontext() if p.trim is None else mock.patch.object(common, "trims_padding",
                                                                                lambda ids: p.trim)
@@ -186,7 +191,7 @@ def record(p: Problem, dtype: torch.dtype) -> list:
                 captured_launches(rotate, ROTATE_KERNELS) as rotations:
             bwd.attention_bwd(torch.empty_like(out), q_used, k, v, out, lse, ids32, p.causal, scale, rot,
                               None if rot_mask is None else rot_mask.view(torch.bool), p.dropout, seed, attn_mask,
-                              p.mask == "learned")
+                              p.mask is not None and p.mask.startswith("learned"))
         launches += rec + rotations
     return launches
 

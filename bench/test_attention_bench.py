@@ -75,8 +75,9 @@ def test_peak_memory(cuda_device, benchmark, bench_record):
                     reason="opt-in: ROLLINGQ_BENCH_EXTRA=1 times rollingq with dropout, padded rows, a mask and a learned bias")
 @pytest.mark.parametrize("shape_name,impl", EXTRA_CASES, ids=[f"{s}-{i}" for s, i in EXTRA_CASES])
 def test_attention_extra(cuda_device, benchmark, bench_record, shape_name, impl):
-    """rollingq with attention dropout 0.1, with rows padded at the end, and with a bool attention
-    mask (peers.EXTRA_IMPL_ORDER): after every other case, and not in gpu_check.sh."""
+    """rollingq with attention dropout 0.1, with rows padded at the end, with a bool attention
+    mask, and with a learned bias (peers.EXTRA_IMPL_ORDER): after every other case, and not in
+    gpu_check.sh."""
     rec = benchmark.pedantic(peers.measure_case, args=(shapes.BY_NAME[shape_name], impl, cuda_device),
                              rounds=1, iterations=1)
     bench_record(benchmark, rec)

@@ -136,6 +136,7 @@ _DQ_TABLE = {
         128: [(128, 32, 8, 2), (64, 32, 8, 2)],
         "split": [(64, 16, 8, 2)],
         ("split", "bias+dropout"): [(32, 16, 8, 2), (32, 16, 4, 2)],  # the row above spills with them (D 768)
+        (64, "bias+dropout"): [(64, 32, 8, 2), (64, 16, 8, 2)],  # a learned bias with dropout spills both above
         **_IEEE_DQ,
     },
 }
@@ -162,9 +163,12 @@ _DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
               "mask+dropout": {90: {128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)]},
                                80: {"ieee-split": [(16, 16, 4, 2)]}},
               "bias+dropout": {90: {64: [(64, 64, 4, 2)], "wide": [(64, 64, 8, 2)]},
-                               80: {"split": [(64, 16, 8, 2)], "ieee-split": [(16, 16, 4, 2)]}},
-              # storing ds, a learned bias's gradient (sm_90 16-bit: 8-88 B; fp32: 8 B)
-              "mask_grad": {90: {64: [(128, 64, 8, 2)], 128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)],
+                               80: {64: [(128, 32, 8, 2), (64, 32, 4, 3)], 128: [(128, 32, 8, 2)],
+                                    "split": [(64, 16, 8, 2)], "ieee-split": [(16, 16, 4, 2)]}},
+              # writing ds, a learned bias's gradient (sm_90 16-bit: 8-136 B, the atomics' [BM, BN]
+              # pointer tile the most; fp32: 8 B)
+              "mask_grad": {90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2)],
+                                 "split": [(128, 16, 8, 2), (64, 64, 8, 1)], "wide": [(64, 64, 8, 2)],
                                  "ieee-64": [(16, 32, 8, 2)]}}}
 # dQ's wide-split rows (WIDE_CHUNK accumulators), offered beside the "split" class where it applies.
 _DQ_WIDE = {90: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)]}

@@ -92,9 +92,9 @@ FWD_CONFIGS_BY_ARCH = {
 }
 # Dropout launches (kernels/dropout.py) hold the Philox draw in the loop, mask launches
 # (kernels/attn_mask.py) a mask tile: the rows that spill with them are not offered to them
-# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32). Their (..., "dropout") or
-# (..., "mask+dropout") lists in FWD_CONFIGS_BY_ARCH are added for them (stand-ins, chosen where a
-# class lost every row).
+# (bench/inspect_kernels.py --only dropout / --only mask, fp16/bf16/fp32; common.launch_extras names
+# the combinations). Their (..., extra) lists in FWD_CONFIGS_BY_ARCH ("dropout", "mask+dropout",
+# "bias+dropout") are added for them (stand-ins, chosen where a class lost every row).
 FWD_DROPOUT_SPILLS = {
     90: {("16bit", 128, "tma"): [(128, 128, 8, 3)], ("16bit", "split"): [(64, 64, 8, 1)]},
     80: {("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},

@@ -81,10 +81,11 @@ def rollingq_attention(
             NaN and +inf are refused). It applies on top of the padding ids and `causal`, and
             the statistics (`attn_mass`) are those of the masked attention. A float mask that
             requires grad (a learned bias: relative positions, ALiBi-style slopes) gets its
-            gradient, summed over its broadcast dims; the backward forms it in a dense
-            [B, H, Lq, Lk] buffer (float32 where the mask broadcasts, else the mask's dtype), as
-            SDPA's memory-efficient backward does, so that costs B * H * Lq * Lk elements of
-            memory. Broadcast dims are read with stride 0, not copied; every score tile reads its
+            gradient, summed over its broadcast dims: by float32 atomics into its own shape for a
+            contiguous bias shared by batch and/or heads with whole [Lq, Lk] dims (run-to-run
+            rounding differences), else (and in deterministic mode) through a dense
+            [B, H, Lq, Lk] buffer, as SDPA's memory-efficient backward does (B * H * Lq * Lk
+            elements of memory; kernels/attn_mask.grad_plan). Broadcast dims are read with stride 0, not copied; every score tile reads its
             part of the mask (no key block is skipped for it). The kernels refuse a mask whose
             [Lq, Lk] slice spans 2^31 elements, and a mask gradient with Lq * Lk >= 2^31 (32-bit
             offsets).

@@ -89,7 +89,7 @@ def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout
 
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
-        "rollingq_attention has no second derivative: its backward (q, k, v gradients) cannot be "
+        "rollingq_attention has no second derivative: its backward (q, k, v and attn_mask gradients) cannot be "
         "differentiated again, e.g. for a gradient penalty through torch.autograd.grad(..., "
         "create_graph=True); use rollingq.reference.rollingq_attention_reference for that")
 

@@ -35,6 +35,37 @@ def rotate_queries(q: torch.Tensor, rotation: Rotation, rows: Optional[torch.Ten
     return torch.where(rows[:, None, :, None], rotated, q)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, rotation: Rotation = None,
+                    rotate_rows: RotateRows = None, causal: bool = False, scale: Optional[float] = None,
+                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention probabilities [B, H, Lq, Lk] of `rollingq_attention_reference` (before dropout),
+    from checked arguments and [B, Lk] ids: float32 (float64 for float64 q), differentiable, exactly
+    0 on hidden keys and on rows without a live key."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    live = ids >= 0  # [B, Lk]
+    q = rotate_queries(q, rotation, rotate_row_mask(rotate_rows, B, Lq, q.device))
+    kh = k.repeat_interleave(H // k.shape[1], dim=1)
+    scores = (q @ kh.transpose(-1, -2)).to(acc_dtype) * scale  # [B, H, Lq, Lk]
+    visible = live[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(acc_dtype)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # No keys at all (Lk = 0): every row is a row without a live key.
+    row_max = scores.amax(-1, keepdim=True) if Lk else scores.new_zeros(B, H, Lq, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)  # exactly 0 on hidden keys
+    denom = weights.sum(-1, keepdim=True)
+    # A row with no live key has denom 0: its weights stay 0, so its output and mass are 0.
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
 def rollingq_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,34 +93,12 @@ def rollingq_attention_reference(
     """
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p,
                  attn_mask=attn_mask)
-    B, H, Lq, D = q.shape
+    B, H = q.shape[:2]
     Hkv, Lk = k.shape[1], k.shape[2]
-    group = H // Hkv
-    scale = D ** -0.5 if scale is None else scale
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-
     ids = modality_ids.expand(B, Lk) if modality_ids.dim() == 1 else modality_ids
-    live = ids >= 0  # [B, Lk]
-    q = rotate_queries(q, rotation, rotate_row_mask(rotate_rows, B, Lq, q.device))
-
-    kh = k.repeat_interleave(group, dim=1)
-    vh = v.repeat_interleave(group, dim=1)
-    scores = (q @ kh.transpose(-1, -2)).to(acc_dtype) * scale  # [B, H, Lq, Lk]
-    visible = live[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        visible = visible & attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(acc_dtype)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    # No keys at all (Lk = 0): every row is a row without a live key.
-    row_max = scores.amax(-1, keepdim=True) if Lk else scores.new_zeros(B, H, Lq, 1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(scores - row_max)  # exactly 0 on hidden keys
-    denom = weights.sum(-1, keepdim=True)
-    # A row with no live key has denom 0: its weights stay 0, so its output and mass are 0.
-    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = attention_probs(q, k, ids, rotation, rotate_rows, causal, scale, attn_mask)
+    vh = v.repeat_interleave(H // Hkv, dim=1)
     if dropout_mask is not None and not (isinstance(dropout_mask, torch.Tensor) and dropout_mask.dtype == torch.bool
                                          and tuple(dropout_mask.shape) == tuple(probs.shape)):
         raise ValueError(f"dropout_mask must be a bool tensor [B, H, Lq, Lk] = {list(probs.shape)}, got "

@@ -33,3 +33,16 @@ def stats_tol(dtype: torch.dtype) -> float:
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
+
+
+def assert_bias_grad_close(got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
+                           delta_term: torch.Tensor, slack: float = 1e-5) -> None:
+    """A bias's gradient, element by element: |got - ref64| <= 2 * max|ref_lowp - ref64|
+    + 2 * delta_term + slack. The kernels (as FlashAttention's) form ds = p * (dp - delta) with
+    delta = do . out from their own rounded output, so each element carries p_ij * |do_i . (out_i -
+    out64_i)| (`delta_term`, summed as the gradient is over broadcast dims) that no summation over
+    keys averages out; the reference's autograd forms delta from its exact probabilities instead."""
+    assert torch.isfinite(got).all(), "d_mask: non-finite values in the kernel result"
+    base = (ref_lowp.double() - ref64.double()).abs().max().item()
+    excess = ((got.double() - ref64.double()).abs() - 2 * delta_term).max().item()
+    assert excess <= 2 * base + slack, f"d_mask: error beyond the delta term {excess:.3e} > 2 x {base:.3e} + {slack}"

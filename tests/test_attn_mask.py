@@ -12,9 +12,9 @@ from rollingq.functional import dropout_seed, set_cpu_backend, uses_kernel
 from rollingq.kernels import attention_bwd as bwd
 from rollingq.kernels import attention_fwd
 from rollingq.kernels.dropout import keep_mask
-from rollingq.reference import rollingq_attention_reference
+from rollingq.reference import attention_probs, rollingq_attention_reference
 from tests.kernel_paths import DEVICE, force_d_split, force_wide_split, problem
-from tests.numerics import CUDA_MASK_SHAPES, assert_close_by_rule, mask_shape, stats_tol
+from tests.numerics import CUDA_MASK_SHAPES, assert_bias_grad_close, assert_close_by_rule, mask_shape, stats_tol
 
 # NaN-filled output buffers (tests/conftest.py): an unwritten element fails the test.
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("poisoned_outputs")]
@@ -36,6 +36,15 @@ def make_mask(kind, shape, dtype, seed, hidden_row=None):
     if hidden_row is not None:
         mask[..., hidden_row, :] = False if kind == "bool" else float("-inf")
     return mask.to(DEVICE)
+
+
+def delta_term(q, k, ids, rot, rows, causal, mask, grad, out, out64):
+    """p64_ij * |do_i . (out_i - out64_i)|, summed to the mask's shape (numerics.assert_bias_grad_close)."""
+    ids2 = ids.expand(q.shape[0], k.shape[2]) if ids.dim() == 1 else ids
+    p64 = attention_probs(q.detach().double(), k.detach().double(), ids2, None if rot is None else rot.double(),
+                          rows, causal, None, mask.detach().double())
+    row = (grad.double() * (out.detach().double() - out64.detach())).sum(-1).abs()
+    return (p64 * row[..., None]).sum_to_size(mask.shape)
 
 
 def check(dtype, kind, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, seed=0, shape=None, p=0.0,
@@ -74,11 +83,12 @@ def check(dtype, kind, B=2, H=4, Hkv=2, L=37, D=16, causal=False, rows=5, seed=0
 
     r64, s64 = ref(torch.float64, None if rot is None else rot.double())
     rlp, _ = ref(dtype, rot)
-    names = ("out", "dq", "dk", "dv", "d_mask")
-    for name, got, a, b in zip(names, (out,) + grads, r64, rlp):
+    for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads[:3], r64, rlp):
         assert_close_by_rule(name, got, a, b)
     if mask_grad:
         assert grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
+        assert_bias_grad_close(grads[3], r64[4], rlp[4], delta_term(q, k, ids, rot, rows, causal, mask, grad, out,
+                                                                    r64[0]))
     assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() <= stats_tol(dtype)
     return out, st, (dq, dk, dv)
 
@@ -455,6 +465,16 @@ def test_parity_cuda_large(dtype, shape):
     """Real tiles and the autotuner's choice on the GPU (bf16 too), with a dense rotation of 5 rows."""
     B, H, Hkv, L, D, kind = shape
     check(dtype, kind, B=B, H=H, Hkv=Hkv, L=L, D=D, rows=5, seed=D, hidden_row=7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_MASK_SHAPES)
+def test_bias_gradient_cuda_large(dtype, shape):
+    """A learned [1, H, L, L] bias on the GPU: shared by a batch of 2 (atomics, D 64) and full at
+    batch 1 (the dense store, D 768)."""
+    B, H, Hkv, L, D, _ = shape
+    check(dtype, "float", B=B, H=H, Hkv=Hkv, L=L, D=D, rows=5, seed=D + 1, hidden_row=7, mask_grad=True)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
