@@ -162,6 +162,8 @@ _DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
               "mask": {90: {256: [(128, 32, 8, 2), (64, 64, 8, 2)]}},
               "mask+dropout": {90: {128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)]},
                                80: {"ieee-split": [(16, 16, 4, 2)]}},
+              # (built with a learned bias, the rows also leave float masks without a gradient: their
+              # dQ with dropout was not built on its own)
               "bias+dropout": {90: {64: [(64, 64, 4, 2)], "wide": [(64, 64, 8, 2)]},
                                80: {64: [(128, 32, 8, 2), (64, 32, 4, 3)], 128: [(128, 32, 8, 2)],
                                     "split": [(64, 16, 8, 2)], "ieee-split": [(16, 16, 4, 2)]}},
@@ -536,7 +538,7 @@ def _bwd_dq_kernel(
         if MASK_GRAD == 1:
             tl.store(dmask_base + offs_m[:, None] * Lk + offs_n[None, :], ds.to(DMASK.dtype.element_ty),
                      mask=g_rows[:, None] & n_ok[None, :])
-        if MASK_GRAD == 2:  # hidden elements add nothing: no atomic is issued for them
+        if MASK_GRAD == 2:  # no atomic for padding, causal or out-of-range elements (a -inf bias adds 0)
             tl.atomic_add(dmask_base + offs_m[:, None] * s_am + offs_n[None, :] * s_an, ds,
                           mask=g_rows[:, None] & vis, sem="relaxed")
         if WIDE_ON:
@@ -605,7 +607,15 @@ def table_configs(table, wide_table=None) -> List[triton.Config]:
                                                             WIDE=1)
 
 
-def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None):
+def _zero_shared_mask_grad(nargs, reset_only=False):
+    """The autotuner's pre-hook: before each timed launch, and before the real launch after timing,
+    zero the buffer that a shared bias's gradient is added into (MASK_GRAD 2, atomics), so that
+    timing runs leave nothing in it. Every other output of the backward is overwritten, not added to."""
+    if nargs.get("MASK_GRAD") == 2:
+        nargs["DMASK"].zero_()
+
+
+def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None, pre_hook=None):
     """Autotune over `table_configs` (the interpreter: its one row)."""
     if interpreting():
         configs = _to_configs([interp_row], **({} if wide_table is None else {"WIDE": 0}))
@@ -615,6 +625,7 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None):
         configs=configs,
         key=key,
         prune_configs_by={"early_config_prune": _pruner(table, wide_table, spills)},
+        pre_hook=pre_hook,
     )(kernel)
 
 
@@ -624,7 +635,7 @@ _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
                       "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
-                     _DQ_WIDE, _DQ_SPILLS)
+                     _DQ_WIDE, _DQ_SPILLS, pre_hook=_zero_shared_mask_grad)
 
 
 def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, int]:

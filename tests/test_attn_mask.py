@@ -217,6 +217,26 @@ def test_gradient_plan(shape, contiguous, deterministic, plan):
     assert grad_plan(bias, 2, 4, 9, 11, deterministic) == {"shared": SHARED_GRAD, "dense": DENSE_GRAD}[plan]
 
 
+def test_shared_bias_gradient_survives_autotuning(monkeypatch):
+    """On a GPU the autotuner times its configs on the real arguments before the launch it keeps,
+    and the shared path's atomics would add every timed run into the bias's gradient (the
+    interpreter has one config and never times). Made to time here (two configs, three runs
+    each), the gradient must still be that of one launch: the pre-hook zeroes the buffer."""
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(1)
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(bwd._bwd_dq, "configs", bwd._to_configs([bwd._INTERPRET_DQ, (16, 16, 4, 1)], WIDE=0))
+    monkeypatch.setattr(bwd._bwd_dq, "cache", {})
+    monkeypatch.setattr(bwd._bwd_dq, "_do_bench", fake_bench)
+    check(torch.float32, "float", B=2, H=2, Hkv=1, L=21, D=16, seed=43, mask_grad=True)  # [1, H, L, L]: atomics
+    assert timed
+
+
 def test_shared_bias_gradient_under_deterministic_algorithms():
     """torch.use_deterministic_algorithms(True): the dense path (no atomics), bit for bit the same
     from run to run, and equal to the atomics' result to float32 rounding."""
