@@ -1,6 +1,6 @@
 """Compile, in parallel, every kernel bench/gpu_check.sh will launch, into Triton's cache.
 
-    python bench/precompile.py [--workers N] [--dtypes bf16,fp16,fp32] [--dry-run]
+    python bench/precompile.py [--workers N] [--dtypes bf16,fp16,fp32] [--dry-run] [--limit N]
 
 Triton's autotuner compiles each config of each new autotune key in turn, on the clock of the
 check: with the config tables of kernels/ that is a few hundred sequential compiles across the
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="count the jobs, compile nothing (any machine)")
     ap.add_argument("--cap", type=int, help="compile for this compute capability (e.g. 90) even without its GPU; "
                                             "default: this machine's GPU")
+    ap.add_argument("--limit", type=int, help="compile only the first N jobs (a test of the compile path)")
     ap.add_argument("--verify-keys", action="store_true",
                     help="check, on any machine, that every job lands under the JIT's cache key; exit 1 if not")
     a = ap.parse_args(argv)
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
         (lambda mj, mn: mj * 10 + mn)(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else 90)
     jobs = compile_jobs(gpu_check_problems(), a.dtypes.split(","), arch=90 if cap >= 90 else 80)
     print(f"{len(jobs)} distinct compiles ({time.time() - start:.1f} s to record)")
+    jobs = jobs[:a.limit] if a.limit is not None else jobs
     if a.dry_run:
         return 0
     # spawn, not fork: this process has initialised CUDA, which a forked child must not inherit

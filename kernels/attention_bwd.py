@@ -222,8 +222,8 @@ def _pruner(table, wide_table=None, spills=None):
             return [c for c in chosen if _row(c) == keep[0]] or configs[-1:]
         if (wide_table and kwargs["SPLIT"] and not kwargs["IEEE"] and not kwargs.get("ROTATE")
                 and kwargs["HEAD_D"] <= WIDE_MAX_D):
-            wide = [r for r in wide_table.get(target_arch(), [])
-                if r not in (common.spill_rows(spills, extras, target_arch()).get("wide", []) if spills else [])]
+            wide_spills = common.spill_rows(spills, extras, target_arch()).get("wide", []) if spills else []
+            wide = [r for r in wide_table.get(target_arch(), []) if r not in wide_spills]
             chosen += [c for c in configs if c.kwargs.get("WIDE") and _row(c) in wide]
         return chosen or configs[-1:]
     return prune
@@ -745,9 +745,10 @@ def attention_bwd(
             tensors' device (kernels/dropout.py); the masks are redrawn from it.
         attn_mask: the forward's attention mask (bool: True = attend; float: added to the scaled
             scores), broadcastable to [B, H, Lq, Lk], or None.
-        mask_grad: also return the gradient of a float attn_mask. It is formed in a dense
-            [B, H, Lq, Lk] buffer (float32 where the mask broadcasts, else the mask's dtype), then
-            summed over the mask's broadcast dims; Lq * Lk must stay below 2^31.
+        mask_grad: also return the gradient of a float attn_mask, summed over its broadcast dims:
+            added up by float32 atomics in the mask's own shape for a contiguous mask shared by
+            batch and/or heads, else (and in deterministic mode) formed in a dense [B, H, Lq, Lk]
+            buffer and summed afterwards, where Lq * Lk must stay below 2^31 (attn_mask.grad_plan).
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
