@@ -79,6 +79,12 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
 DENSE_GRAD, SHARED_GRAD = 1, 2  # the dQ kernel's MASK_GRAD
 
 
+def _require_bias(attn_mask) -> None:
+    if kind_of(attn_mask) != BIAS:
+        raise ValueError(f"mask_grad needs a float attn_mask, got "
+                         f"{'None' if attn_mask is None else attn_mask.dtype}")
+
+
 def grad_plan(attn_mask, B: int, H: int, Lq: int, Lk: int, deterministic: bool = False) -> int:
     """How dQ forms a bias's gradient. SHARED_GRAD: the bias is contiguous, broadcasts over the batch
     and/or the heads only (its Lq and Lk dims are whole), so dQ adds each ds tile by atomics into a
@@ -86,9 +92,7 @@ def grad_plan(attn_mask, B: int, H: int, Lq: int, Lk: int, deterministic: bool =
     dense buffer and no sum afterwards, but the float32 additions land in run-dependent order.
     DENSE_GRAD otherwise: a bias shared along rows or keys (the atomics of one tile would hit one
     address), a full [B, H, Lq, Lk] one (nothing to sum), a strided one, or deterministic mode."""
-    if kind_of(attn_mask) != BIAS:
-        raise ValueError(f"mask_grad needs a float attn_mask, got "
-                         f"{'None' if attn_mask is None else attn_mask.dtype}")
+    _require_bias(attn_mask)
     shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     shared = shape[0] * shape[1] < B * H and shape[2] == Lq and shape[3] == Lk
     return SHARED_GRAD if shared and attn_mask.is_contiguous() and not deterministic else DENSE_GRAD
@@ -99,9 +103,7 @@ def grad_buffer(attn_mask, B: int, H: int, Lq: int, Lk: int, plan: int = DENSE_G
     zeros of the bias's shape in float32 (contiguous, as the bias: the kernel adds through the bias's
     strides). DENSE_GRAD: [B, H, Lq, Lk], float32 where the mask broadcasts (the broadcast dims are
     summed afterwards), else the mask's own dtype, addressed with 32-bit offsets per (batch, head)."""
-    if kind_of(attn_mask) != BIAS:
-        raise ValueError(f"mask_grad needs a float attn_mask, got "
-                         f"{'None' if attn_mask is None else attn_mask.dtype}")
+    _require_bias(attn_mask)
     if plan == SHARED_GRAD:
         return torch.zeros(attn_mask.shape, device=attn_mask.device, dtype=torch.float32)
     if Lq * Lk >= MAX_SLICE_OFFSET:

@@ -85,8 +85,9 @@ def rollingq_attention(
             contiguous bias shared by batch and/or heads with whole [Lq, Lk] dims (run-to-run
             rounding differences), else (and in deterministic mode) through a dense
             [B, H, Lq, Lk] buffer, as SDPA's memory-efficient backward does (B * H * Lq * Lk
-            elements of memory; kernels/attn_mask.grad_plan). Broadcast dims are read with stride 0, not copied; every score tile reads its
-            part of the mask (no key block is skipped for it). The kernels refuse a mask whose
+            elements of memory; kernels/attn_mask.grad_plan). Broadcast dims are read with
+            stride 0, not copied; every score tile reads its part of the mask (no key block is
+            skipped for it). The kernels refuse a mask whose
             [Lq, Lk] slice spans 2^31 elements, and a mask gradient with Lq * Lk >= 2^31 (32-bit
             offsets).
 
