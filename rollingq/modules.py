@@ -91,7 +91,7 @@ class RollingQAttention(nn.Module):
         eye = torch.eye(self.head_dim, dtype=torch.float32, device=device)
         self.register_buffer("rotation", eye.repeat(num_heads, 1, 1))
         self.controller = None  # set by RollingQ; a plain attribute (RollingQ is no nn.Module)
-        self._kernel_rotation = None  # (buffer, its version, a copy of its values, the form passed on)
+        self._kernel_rotation = None  # (buffer, (version, data pointer), a copy of its values, the form passed on)
 
     def _apply(self, fn, *args, **kwargs):
         # Keep the rotation in float32 through .half()/.to(dtype): a low-precision rotation is no
@@ -115,12 +115,16 @@ class RollingQAttention(nn.Module):
         torch.compile traces or a CUDA graph is captured (and on the meta device), the dense
         buffer: the factor cache is Python-side state that a compiled graph or a graph replay would
         not see change, while the buffer is updated in place (`RollingQ` writes it with copy_), so
-        replays use the current one."""
+        replays use the current one. Write the buffer in place under `torch.no_grad()` (as
+        `RollingQ` does) or assign a new tensor; a write through `rotation.data.copy_` keeps the
+        version counter and would leave the factors stale."""
         R = self.rotation
         if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta:
             return R
         cache = self._kernel_rotation
         version = tensor_version(R)
+        # The data pointer sees `rotation.data = X`, which leaves the version counter alone.
+        version = None if version is None else (version, R.data_ptr())
         if cache is not None and cache[0] is R and version is not None and cache[1] == version:
             return cache[3]
         with torch.no_grad():

@@ -418,7 +418,9 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # On the CPU: the RNG setters take CPU ByteTensors only; the model, optimizer and
+        # controller move their own tensors to their devices as they load.
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = state["config"]
         saved = {**_RESUME_DEFAULTS, **saved}
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)}

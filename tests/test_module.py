@@ -293,6 +293,10 @@ def test_kernel_gets_the_rotation_factored_while_its_rank_is_low(monkeypatch):
     check_output()
     m2 = copy.deepcopy(m)
     assert m2._kernel_rotation is None and m2.rotation_for_kernel() is m2.rotation
+    m.rotation.data = plane_rotation(xs, ys).float()  # a new storage, the version counter unchanged
+    form = m.rotation_for_kernel()
+    assert isinstance(form, LowRankRotation) and form.rank == 2
+    check_output()
 
 
 def test_capture_of_a_cuda_graph_reads_nothing_back(monkeypatch):

@@ -88,6 +88,24 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     assert a["controller"]["rotations"] == b["controller"]["rotations"] == [1]
 
 
+@pytest.mark.cuda
+def test_resume_on_cuda(tmp_path):
+    """A CUDA run resumes (the checkpoint's RNG states reach the setters as CPU tensors) and
+    carries on to the same number of epochs and rotations. Deterministic mode (warn_only: cuBLAS
+    would want CUBLAS_WORKSPACE_CONFIG) gives each launch one fixed config, so the GPU check's time
+    budget pays one compile per kernel instead of an autotuning sweep."""
+    cfg = dict(method="rollingq", epochs=3, device="cuda", **TINY)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        part = run(TrainConfig(out=str(tmp_path / "part"), stop_after=2, **cfg))
+        resumed = run(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in part] + [3]
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert state["controller"]["rotations"] == [1]
+
+
 def test_resume_refuses_a_missing_checkpoint_or_changed_settings(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(TrainConfig(method="vanilla", epochs=1, out=str(tmp_path / "none"), resume=True, **TINY))
