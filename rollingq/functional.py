@@ -12,7 +12,20 @@ from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
-_cpu_backend = os.environ.get("ROLLINGQ_CPU_BACKEND", "auto")
+# Devices the dispatch knows: anything else is refused rather than run on the O(L^2) reference.
+_DEVICE_TYPES = ("cuda", "cpu", "meta")
+
+
+def cpu_backend_from_env() -> str:
+    """ROLLINGQ_CPU_BACKEND (unset or empty: "auto"), validated: a typo must not silently mean
+    "auto"."""
+    backend = os.environ.get("ROLLINGQ_CPU_BACKEND", "") or "auto"
+    if backend not in _CPU_BACKENDS:
+        raise ValueError(f"ROLLINGQ_CPU_BACKEND must be one of {_CPU_BACKENDS}, got {backend!r}")
+    return backend
+
+
+_cpu_backend = cpu_backend_from_env()
 
 
 def set_cpu_backend(backend: str) -> str:
@@ -31,7 +44,14 @@ def _interpreting() -> bool:
 
 
 def uses_kernel(device: torch.device) -> bool:
-    """True where `rollingq_attention` runs the Triton kernels: CUDA, or CPU under the interpreter."""
+    """True where `rollingq_attention` runs the Triton kernels: CUDA, or CPU under the interpreter.
+    False on CPU otherwise and on meta (PyTorch ops). Raises NotImplementedError for any other
+    device type (mps, xpu, ...): design.md forbids a silent fall back to the slow reference."""
+    if device.type not in _DEVICE_TYPES:
+        raise NotImplementedError(
+            f"q is on a {device.type!r} device: rollingq_attention runs on 'cuda' (the Triton kernels), "
+            f"'cpu' (the PyTorch reference, or the Triton interpreter) and 'meta'; move q, k, v there, or call "
+            f"rollingq.reference.rollingq_attention_reference (plain PyTorch, O(L^2) memory) explicitly")
     if device.type == "cuda":
         return True
     if device.type != "cpu" or _cpu_backend == "reference":
@@ -71,7 +91,7 @@ def rollingq_attention(
             mask [Lq] or [B, Lq].
         causal: query i sees keys 0..i; requires Lq == Lk.
         scale: softmax scale, default 1/sqrt(D).
-        stats: False skips the statistics (plain fused attention) and returns None for them.
+        stats: a bool; False skips the statistics (plain fused attention) and returns None for them.
         dropout_p: attention dropout, in [0, 1): each attention probability is zeroed with this
             probability and the kept ones are scaled by 1 / (1 - dropout_p) (as in SDPA; pass 0
             in evaluation). The statistics are those of the attention without dropout. The masks
@@ -126,19 +146,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
             and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: run in the autocast dtype, statistics still in float32.
         dtype = torch.get_autocast_dtype(q.device.type)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            # Only what autocast itself casts (floating point, not float64, on its device): int or
+            # float64 inputs reach check_inputs as they are and get its TypeError.
+            eligible = t.is_floating_point() and t.dtype != torch.float64 and t.device.type == q.device.type
+            return t.to(dtype) if eligible else t
+
         with torch.autocast(q.device.type, enabled=False):
-            return attention(q.to(dtype), k.to(dtype), v.to(dtype), modality_ids, num_modalities,
+            return attention(cast(q), cast(k), cast(v), modality_ids, num_modalities,
                              rotation, rotate_rows, causal, scale, stats, ids_in_range, dropout_p, attn_mask)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale,
-                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p, attn_mask=attn_mask)
+                 allowed_dtypes=SUPPORTED_DTYPES, ids_in_range=ids_in_range, dropout_p=dropout_p, attn_mask=attn_mask,
+                 stats=stats)
     if not isinstance(dropout_p, torch.SymFloat):  # a traced value stays symbolic (no recompile per value)
         dropout_p = float(dropout_p)
     if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.
+        # 16-bit inputs compute in float32, as the kernels accumulate: in their own dtype q . k
+        # overflows float16 (NaN) and bf16 scores lose ~8x the accuracy. Output dtypes unchanged.
+        compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
         return rollingq_attention_reference(
             q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, stats, dropout_p,
-            attn_mask=attn_mask)
+            attn_mask=attn_mask, compute_dtype=compute_dtype)
 
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot (garbage, not an error).

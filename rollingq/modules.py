@@ -7,8 +7,8 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, checked_values, tensor_version,
-                         value_checks_enabled)
+from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, check_values_always, checked_values,
+                         tensor_version, value_checks_enabled)
 
 __all__ = ["RollingQAttention"]
 
@@ -88,10 +88,27 @@ class RollingQAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
-        eye = torch.eye(self.head_dim, dtype=torch.float32, device=device)
-        self.register_buffer("rotation", eye.repeat(num_heads, 1, 1))
+        self.register_buffer("rotation", torch.empty(num_heads, self.head_dim, self.head_dim, dtype=torch.float32,
+                                                     device=device))
         self.controller = None  # set by RollingQ; a plain attribute (RollingQ is no nn.Module)
-        self._kernel_rotation = None  # (buffer, (version, data pointer), a copy of its values, the form passed on)
+        # The nn.Linear layers initialised themselves; re-initialising them here would draw from
+        # the generator twice and change every seeded model.
+        self._reset_rotation()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise what __init__ initialises: the four projections (nn.Linear's own init)
+        and the rotation (the identity, in place: the buffer object stays). E.g. after
+        `RollingQAttention(..., device="meta").to_empty(device=...)`, whose buffers hold garbage."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            proj.reset_parameters()
+        self._reset_rotation()
+
+    def _reset_rotation(self) -> None:
+        with torch.no_grad():
+            self.rotation.copy_(torch.eye(self.head_dim, dtype=torch.float32, device=self.rotation.device))
+        # (buffer, (version, data pointer), a copy of its values, the form passed on); dropped so no
+        # factors of the old values survive.
+        self._kernel_rotation = None
 
     def _apply(self, fn, *args, **kwargs):
         # Keep the rotation in float32 through .half()/.to(dtype): a low-precision rotation is no
@@ -116,8 +133,9 @@ class RollingQAttention(nn.Module):
         buffer: the factor cache is Python-side state that a compiled graph or a graph replay would
         not see change, while the buffer is updated in place (`RollingQ` writes it with copy_), so
         replays use the current one. Write the buffer in place under `torch.no_grad()` (as
-        `RollingQ` does) or assign a new tensor; a write through `rotation.data.copy_` keeps the
-        version counter and would leave the factors stale."""
+        `RollingQ` does) or assign a new tensor; a write through `rotation.data.copy_` (or a
+        torch.distributed collective) keeps the version counter and would leave the factors stale,
+        unless ROLLINGQ_CHECK_VALUES=always, which compares the values on every call."""
         R = self.rotation
         if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta:
             return R
@@ -125,7 +143,10 @@ class RollingQAttention(nn.Module):
         version = tensor_version(R)
         # The data pointer sees `rotation.data = X`, which leaves the version counter alone.
         version = None if version is None else (version, R.data_ptr())
-        if cache is not None and cache[0] is R and version is not None and cache[1] == version:
+        # ROLLINGQ_CHECK_VALUES=always: the escape hatch for writes the version does not see, so
+        # the values are compared (below) on every call.
+        if cache is not None and cache[0] is R and version is not None and cache[1] == version \
+                and not check_values_always():
             return cache[3]
         with torch.no_grad():
             if cache is not None and cache[2].shape == R.shape and cache[2].device == R.device \

@@ -35,16 +35,35 @@ def rotate_queries(q: torch.Tensor, rotation: Rotation, rows: Optional[torch.Ten
     return torch.where(rows[:, None, :, None], rotated, q)
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_compute_dtype(compute_dtype: Optional[torch.dtype]) -> None:
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax's and the statistics' dtype for matmuls in `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, rotation: Rotation = None,
                     rotate_rows: RotateRows = None, causal: bool = False, scale: Optional[float] = None,
-                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    attn_mask: Optional[torch.Tensor] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The attention probabilities [B, H, Lq, Lk] of `rollingq_attention_reference` (before dropout),
-    from checked arguments and [B, Lk] ids: float32 (float64 for float64 q), differentiable, exactly
-    0 on hidden keys and on rows without a live key."""
+    from checked arguments and [B, Lk] ids: float32 (float64 for float64 q, or for compute_dtype
+    float64), differentiable, exactly 0 on hidden keys and on rows without a live key.
+    `compute_dtype`: as `rollingq_attention_reference`'s."""
+    check_compute_dtype(compute_dtype)
+    if compute_dtype is not None:
+        # Differentiable casts: the gradients reach q and k in their own dtype.
+        q, k = q.to(compute_dtype), k.to(compute_dtype)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(q.dtype)
     live = ids >= 0  # [B, Lk]
     q = rotate_queries(q, rotation, rotate_row_mask(rotate_rows, B, Lq, q.device))
     kh = k.repeat_interleave(H // k.shape[1], dim=1)
@@ -80,11 +99,19 @@ def rollingq_attention_reference(
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Same signature and semantics as `rollingq.rollingq_attention`, in plain PyTorch.
 
-    Scores and the two matmuls run in the inputs' dtype, the softmax in float32 (float64 for
-    float64 inputs). Statistics are float32, or float64 for float64 inputs.
+    By default (`compute_dtype=None`) the rotation, scores and the two matmuls run in the inputs'
+    dtype, the softmax in float32 (float64 for float64 inputs): the "reference in the kernel's own
+    dtype" of the parity tests. Statistics are float32, or float64 for float64 inputs.
+
+    `compute_dtype`: run the rotation, both matmuls and the softmax in this dtype instead (float32
+    or float64; a 16-bit one keeps the softmax in float32, as 16-bit inputs do). q, k, v are cast
+    to it, `out` is cast back to v's dtype and gradients reach the inputs in their own dtypes. The
+    statistics follow it: float64 when it is float64, else float32. `rollingq_attention`'s CPU
+    backend passes float32 for 16-bit inputs.
 
     `dropout_mask`: bool [B, H, Lq, Lk], True = kept, the mask to apply when dropout_p > 0 (e.g.
     the kernels' own, `rollingq.kernels.dropout.keep_mask`); None draws one with torch.rand. Kept
@@ -92,10 +119,14 @@ def rollingq_attention_reference(
     `attn_mask`: as `rollingq_attention`'s (bool: True = attend; float: added to the scaled scores).
     """
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p,
-                 attn_mask=attn_mask)
+                 attn_mask=attn_mask, stats=stats)
+    check_compute_dtype(compute_dtype)
     B, H = q.shape[:2]
     Hkv, Lk = k.shape[1], k.shape[2]
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = v.dtype
+    if compute_dtype is not None:
+        q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    acc_dtype = _acc_dtype(q.dtype)
     ids = modality_ids.expand(B, Lk) if modality_ids.dim() == 1 else modality_ids
     probs = attention_probs(q, k, ids, rotation, rotate_rows, causal, scale, attn_mask)
     vh = v.repeat_interleave(H // Hkv, dim=1)
@@ -109,7 +140,7 @@ def rollingq_attention_reference(
         if dropout_mask is None:
             dropout_mask = torch.rand(probs.shape, device=q.device) >= dropout_p
         dropped = probs * dropout_mask.to(device=q.device) / (1 - dropout_p)
-    out = dropped.to(v.dtype) @ vh
+    out = (dropped.to(v.dtype) @ vh).to(out_dtype)
 
     if not stats:
         return out, None

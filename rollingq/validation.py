@@ -32,6 +32,12 @@ def capturing_cuda_graph(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def check_values_always() -> bool:
+    """ROLLINGQ_CHECK_VALUES=always: trust no cache keyed on a tensor's version (see the module
+    doc); `CheckedValues` and `RollingQAttention`'s factor cache both read it here."""
+    return os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "always"
+
+
 def value_checks_enabled(device: torch.device) -> bool:
     """Whether checks that read tensor values back (a host sync on CUDA) run on tensors of
     `device`; see the module doc."""
@@ -58,7 +64,7 @@ class CheckedValues:
         self._found: Dict[Tuple[int, str], tuple] = {}
 
     def get(self, t: torch.Tensor, what: str, compute: Callable[[torch.Tensor], object]):
-        if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "always":
+        if check_values_always():
             return compute(t)
         version = tensor_version(t)
         if version is None:  # an inference-mode tensor: check every time
@@ -111,6 +117,7 @@ def check_inputs(
     ids_in_range: bool = False,
     dropout_p: float = 0.0,
     attn_mask: Optional[torch.Tensor] = None,
+    stats: bool = True,
 ) -> None:
     """Raises on any bad argument. `ids_in_range`: the caller has checked the ids' values already
     (RollingQAttention, which builds them from checked ones)."""
@@ -173,6 +180,9 @@ def check_inputs(
                      f"rotate_rows must be None, an int or a bool tensor, got {type(rotate_rows).__name__}", TypeError)
             _require(0 <= rotate_rows <= Lq, f"rotate_rows as an int must be in 0..Lq = 0..{Lq}, got {rotate_rows}")
     _require(isinstance(causal, bool), f"causal must be a bool, got {type(causal).__name__}", TypeError)
+    # A bool, not any truthy value: the kernel op's schema takes only a bool, and None or "no"
+    # would otherwise mean different things on the two paths.
+    _require(isinstance(stats, bool), f"stats must be a bool, got {type(stats).__name__}", TypeError)
     _require(not causal or Lq == Lk, f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
     # These two messages are built only on failure: under torch.compile a value that changes from
     # call to call arrives as a SymFloat, which the tracer cannot format into a string.

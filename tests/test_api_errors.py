@@ -55,10 +55,46 @@ def base(**over):
     (dict(q=torch.randn(2, 4, 5, 8), causal=True), ValueError, "causal=True requires Lq == Lk"),
     (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
     (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+    (dict(stats="no"), TypeError, "stats must be a bool, got str"),
+    (dict(stats=None), TypeError, "stats must be a bool, got NoneType"),
+    (dict(stats=1), TypeError, "stats must be a bool, got int"),
 ])
 def test_bad_input_errors(over, exc, words):
     with pytest.raises(exc, match=words):
         rollingq.rollingq_attention(**base(**over))
+
+
+@pytest.mark.parametrize("stats", ["no", None])
+def test_reference_refuses_non_bool_stats(stats):
+    """The reference checks `stats` as the kernel path does (a truthy "no" used to mean True)."""
+    with pytest.raises(TypeError, match="stats must be a bool"):
+        rollingq.rollingq_attention_reference(**base(stats=stats))
+
+
+@pytest.mark.parametrize("over, exc, words", [
+    (dict(q=torch.randn(2, 4, 6, 8, dtype=torch.float64)), TypeError, "q must have dtype"),
+    (dict(q=torch.randn(2, 4, 6, 8, dtype=torch.float64), k=torch.randn(2, 2, 6, 8, dtype=torch.float64),
+          v=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "q must have dtype"),
+    (dict(k=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "share one dtype"),
+    (dict(q=torch.randint(0, 3, (2, 4, 6, 8)), k=torch.randint(0, 3, (2, 2, 6, 8)),
+          v=torch.randint(0, 3, (2, 2, 6, 8))), TypeError, "q must have dtype"),
+    (dict(v=torch.randint(0, 3, (2, 2, 6, 8))), TypeError, "share one dtype"),
+])
+def test_autocast_casts_only_what_autocast_casts(over, exc, words):
+    """Under autocast only floating-point, non-float64 tensors are cast (as PyTorch's autocast
+    does): int and float64 inputs get the same error as without autocast."""
+    with pytest.raises(exc, match=words):
+        rollingq.rollingq_attention(**base(**over))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(exc, match=words):
+        rollingq.rollingq_attention(**base(**over))
+
+
+def test_autocast_casts_mixed_float_inputs_to_one_dtype():
+    """float32 q with bf16 k, v: autocast makes them one dtype, as it would for a matmul."""
+    args = base(k=torch.randn(2, 2, 6, 8).bfloat16(), v=torch.randn(2, 2, 6, 8).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, st = rollingq.rollingq_attention(**args)
+    assert out.dtype == torch.bfloat16 and st.attn_mass.dtype == torch.float32
 
 
 def test_valid_input_passes():

@@ -364,3 +364,65 @@ def test_integer_id_dtypes(dtype):
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="modality_ids must hold values in 0..1"):
         m(x, torch.tensor([0, 1, 5, 0, 1, 0], dtype=dtype))
+
+
+def test_check_values_always_sees_a_rotation_written_through_data(monkeypatch):
+    """A write through `.data` (or a torch.distributed broadcast) leaves the version counter as it
+    was; under ROLLINGQ_CHECK_VALUES=always the factor cache compares values instead of trusting it."""
+    from rollingq.rotation import LowRankRotation
+
+    monkeypatch.setenv("ROLLINGQ_CHECK_VALUES", "always")
+    gen = torch.Generator().manual_seed(21)
+    torch.manual_seed(21)
+    m = RollingQAttention(32, 2, 2, rotate="all")
+    x = torch.randn(2, 6, 32, generator=gen)
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    form = m.rotation_for_kernel()
+    assert isinstance(form, LowRankRotation) and form.rank == 0  # the identity, cached
+    m(x, ids)
+    version = m.rotation._version
+    m.rotation.data.copy_(random_rotation(2, 16, gen))
+    assert m.rotation._version == version  # the write is invisible to the counter
+    assert m.rotation_for_kernel() is m.rotation  # full rank: the dense buffer, not the stale identity
+    assert torch.allclose(m(x, ids)[0], manual_forward(m, x, ids)[0], atol=1e-5)
+
+
+def test_reset_parameters_after_meta_to_empty():
+    """The meta-init idiom: build on meta, to_empty, reset_parameters on every module that has it.
+    The rotation is the identity again (not uninitialised memory), the factor cache is dropped, and
+    with the same projection weights the output is that of a normally built module."""
+    torch.manual_seed(22)
+    ref = RollingQAttention(32, 2, 2, kv_heads=1)
+    m = RollingQAttention(32, 2, 2, kv_heads=1, device="meta")
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        m.rotation.fill_(float("nan"))  # what uninitialised memory may hold
+    for mod in m.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    assert m.rotation.dtype == torch.float32 and torch.equal(m.rotation, torch.eye(16).expand(2, 16, 16))
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        proj = getattr(m, name)
+        assert proj.weight.device.type == "cpu" and torch.isfinite(proj.weight).all()
+        proj.load_state_dict(getattr(ref, name).state_dict())
+    x = torch.randn(2, 6, 32)
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    assert torch.equal(m(x, ids)[0], ref(x, ids)[0])
+    # A rotated, cached layer goes back to the identity, its cache dropped.
+    with torch.no_grad():
+        m.rotation.copy_(random_rotation(2, 16, torch.Generator().manual_seed(22)))
+    m.rotation_for_kernel()
+    m.reset_parameters()
+    assert m._kernel_rotation is None and torch.equal(m.rotation, torch.eye(16).expand(2, 16, 16))
+
+
+def test_init_weights_unchanged_by_reset_parameters_refactor():
+    """__init__ draws the projections' weights once (nn.Linear's init), as before: a seeded module
+    has the weights of seeded nn.Linear layers built in the same order."""
+    torch.manual_seed(23)
+    m = RollingQAttention(32, 2, 2)
+    torch.manual_seed(23)
+    linears = [torch.nn.Linear(32, 32) for _ in range(4)]
+    for proj, lin in zip((m.q_proj, m.k_proj, m.v_proj, m.out_proj), linears):
+        assert torch.equal(proj.weight, lin.weight) and torch.equal(proj.bias, lin.bias)
+    assert torch.equal(m.rotation, torch.eye(16).expand(2, 16, 16))

@@ -121,3 +121,33 @@ def test_no_nan_gradient_on_empty_rows():
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     assert torch.all(out[0, 0, 0] == 0) and torch.all(q.grad[0, 0, 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compute_dtype_runs_in_that_dtype_and_returns_v_dtype(dtype):
+    """compute_dtype=float64: the float64 result rounded once to the inputs' dtype, gradients in
+    the inputs' dtype; None (the default) keeps the computation in the inputs' dtype."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1])
+    rot = rand_rotation(2, 16, gen)
+    g = torch.randn(1, 2, 8, 16, generator=gen).to(dtype)
+    out, st = rollingq_attention_reference(q, k, v, ids, 2, rot, 3, compute_dtype=torch.float64)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, st64 = rollingq_attention_reference(q64, k64, v64, ids, 2, rot, 3)
+    assert out.dtype == dtype and st.attn_mass.dtype == torch.float64 and st.key_sum.dtype == torch.float64
+    assert torch.equal(out, out64.to(dtype))
+    torch.testing.assert_close(st.attn_mass, st64.attn_mass, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), g.double())
+    for got, want in zip(grads, grads64):
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    default, st_default = rollingq_attention_reference(q, k, v, ids, 2, rot, 3)
+    same, _ = rollingq_attention_reference(q, k, v, ids, 2, rot, 3, compute_dtype=dtype)
+    assert torch.equal(default, same) and st_default.attn_mass.dtype == torch.float32
+
+
+def test_compute_dtype_is_validated():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(TypeError, match="compute_dtype must be None or one of"):
+        rollingq_attention_reference(q, q, q, torch.zeros(4, dtype=torch.long), 1, compute_dtype=torch.int32)
