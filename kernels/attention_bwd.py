@@ -61,6 +61,7 @@ from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
 from .grid import launch_grid, program_ids
+from .offsets import int64_offsets, widen
 from .rotate import dense_rotation, is_low_rank
 from .rotate import rotate as rotate_rows
 from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
@@ -236,7 +237,10 @@ def _bwd_preprocess_kernel(
     s_db, s_dh, s_dm, s_dd,
     H, Lq,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_M: tl.constexpr,
+    OFFS64: tl.constexpr = False,  # a slice spans 2^31 elements: 64-bit strides (offsets.py)
 ):
+    if OFFS64:
+        s_om, s_od, s_dm, s_dd = widen(s_om, s_od, s_dm, s_dd)
     pid_m, _, h, b = program_ids(1)
     h = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -281,7 +285,12 @@ def _bwd_dkdv_kernel(
     DROPOUT: tl.constexpr,
     MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFFS64: tl.constexpr = False,  # a slice spans 2^31 elements: 64-bit strides (offsets.py)
 ):
+    if OFFS64:
+        s_qm, s_qd, s_kn, s_kd = widen(s_qm, s_qd, s_kn, s_kd)
+        s_vn, s_vd, s_dm, s_dd = widen(s_vn, s_vd, s_dm, s_dd)
+        s_dkn, s_dkd, s_dvn, s_dvd = widen(s_dkn, s_dkd, s_dvn, s_dvd)
     pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
     hkv = hkv.to(tl.int64)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
@@ -429,7 +438,12 @@ def _bwd_dq_kernel(
     MASK: tl.constexpr,  # attention mask: 0 none, 1 bool (True = attend), 2 additive bias (attn_mask.py)
     MASK_GRAD: tl.constexpr,  # MASK == 2 and the bias requires grad: 1 store ds into DMASK, 2 add it (atomics)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
+    OFFS64: tl.constexpr = False,  # a slice spans 2^31 elements: 64-bit strides (offsets.py)
 ):
+    if OFFS64:
+        s_qm, s_qd, s_kn, s_kd = widen(s_qm, s_qd, s_kn, s_kd)
+        s_vn, s_vd, s_dm, s_dd = widen(s_vn, s_vd, s_dm, s_dd)
+        s_dqm, s_dqd, _, _ = widen(s_dqm, s_dqd, s_dqm, s_dqd)
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
     # (dq, dq1, dq2) per program, two programs per query block.
     WIDE_ON: tl.constexpr = WIDE != 0 and SPLIT
@@ -776,7 +790,7 @@ def attention_bwd(
     pre_d, pre_dc = _pre_blocks(D)
     _bwd_preprocess_kernel[launch_grid(triton.cdiv(Lq, PRE_BLOCK_M), 1, H, B)](
         out, do, delta, *out.stride(), *do.stride(), H, Lq,
-        HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M,
+        HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M, OFFS64=int64_offsets(out, do),
     )
 
     # Tensor descriptors (Hopper, 16-bit, aligned layouts): dK/dV streams q_rot and do, dQ streams k and v.
@@ -798,6 +812,7 @@ def attention_bwd(
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
+        OFFS64=int64_offsets(q_rot, k, v, do, dk, dv),
     )
 
     dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
@@ -820,7 +835,7 @@ def attention_bwd(
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
         SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
+        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK, OFFS64=int64_offsets(q_rot, k, v, do, dq),
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,

@@ -22,6 +22,10 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
         e = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
             return False
+        # A broadcast row dim (stride 0, e.g. the gradient of out.mean(2)): a descriptor is built
+        # per slice with the row stride, and the copy engine's behaviour at stride 0 is undocumented.
+        if t.stride(-2) == 0 and t.shape[-2] > 1:
+            return False
     return True
 
 

@@ -303,6 +303,8 @@ def test_descriptor_eligibility():
     assert not ready(torch.empty(2, 3, 40, 20, dtype=torch.float16))  # rows of 40 bytes
     assert not ready(k[..., 1:])  # base off by 2 bytes
     assert not ready(torch.empty(2, 3, 24, 40, dtype=torch.float16).transpose(-1, -2))  # D not innermost
+    assert not ready(torch.empty(2, 3, 1, 24, dtype=torch.float16).expand(2, 3, 40, 24))  # rows broadcast
+    assert ready(torch.empty(1, 3, 40, 24, dtype=torch.float16).expand(2, 3, 40, 24))  # batch broadcast
 
 
 def test_unaligned_head_dim_takes_pointers():
