@@ -108,6 +108,7 @@ class RollingQ:
         self.epoch_step = 0
         self.steps_per_epoch: Optional[int] = None
         self.epoch = 0  # number of epoch_end() calls made
+        self.decisions = 0  # number of decide() calls made (epoch_end's and every_n_steps')
         self._in_full_pass = False
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         self._sums: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(layers)
@@ -253,7 +254,9 @@ class RollingQ:
 
     def epoch_end(self) -> Dict[str, Any]:
         """Decide and rotate at the end of an epoch; see `decide`."""
-        return self.decide()
+        record = self.decide()
+        self.epoch += 1
+        return record
 
     def decide(self) -> Dict[str, Any]:
         """All-reduce the sums (under torch.distributed), compute per layer and head c [H, M], AIR,
@@ -262,10 +265,12 @@ class RollingQ:
         (R <- R_new @ R, R_new mapping the mean effective query onto the balanced target); reset
         the sums; log and return the JSON-serialisable record."""
         sums = self._reduced_sums()
-        record: Dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "layers": []}
+        # "epoch": the epoch the decision falls in (epoch_end calls before it), "decision": its index.
+        record: Dict[str, Any] = {"epoch": self.epoch, "decision": self.decisions, "step": self.global_step,
+                                  "layers": []}
         for i, (layer, s) in enumerate(zip(self.layers, sums)):
             record["layers"].append(self._decide_layer(i, layer, s))
-        self.epoch += 1
+        self.decisions += 1
         self.reset()
         if self.logger is not None:
             self.logger(record)
@@ -324,6 +329,7 @@ class RollingQ:
             "epoch_step": self.epoch_step,
             "steps_per_epoch": self.steps_per_epoch,
             "epoch": self.epoch,
+            "decisions": self.decisions,
             "sums": [None if s is None else {k: v.clone() for k, v in s.items()} for s in self._sums],
         }
 
@@ -349,4 +355,5 @@ class RollingQ:
         self.epoch_step = int(state["epoch_step"])
         self.steps_per_epoch = state["steps_per_epoch"]
         self.epoch = int(state["epoch"])
+        self.decisions = int(state.get("decisions", state["epoch"]))  # older states counted decisions as epochs
         self._sums = sums

@@ -195,9 +195,12 @@ def test_collecting_schedule_and_every_n_steps():
         decided.append(rec is not None)
         if rec is not None:
             assert rec["layers"][0]["samples"] == 4
+            assert (rec["epoch"], rec["decision"]) == (0, len([d for d in decided if d]) - 1)
     assert flags == [False, False, True, True] * 2
     assert decided == [False, False, False, True] * 2
     assert ctrl.rotations == [2]
+    # Every-N decisions do not count as epochs; the epoch's own decision is the third.
+    assert (ctrl.epoch_end()["epoch"], ctrl.epoch, ctrl.decisions) == (0, 1, 3)
 
 
 def test_state_dict_round_trip():
