@@ -242,7 +242,7 @@ def _modality_order(keys: Sequence[str]) -> List[str]:
 def load_npz(path: Union[str, os.PathLike], test_fraction: float = 0.2, seed: int = 0) -> MultimodalData:
     """Load a feature file (format in docs/training.md).
 
-    Arrays: `x_<name>` float [N, L_m, F_m], one per modality (>= 1; order: numeric suffixes sorted,
+    Arrays: `x_<name>` float [N, L_m, F_m], one per modality (>= 2; order: numeric suffixes sorted,
     otherwise the order in the archive, which np.savez keeps from its keywords); `y` int [N];
     optional `split` int [N] (0 train, 1 test; without it a seeded random `test_fraction` of the
     samples is the test set); optional `corrupt` int [N] (-1 clean, or the corrupted modality).
@@ -267,9 +267,9 @@ def load_npz(path: Union[str, os.PathLike], test_fraction: float = 0.2, seed: in
                 raise ValueError(f"{path}: array '{key}' holds Python objects (pickled); only numeric "
                                  f"arrays are allowed (save with a numeric dtype)") from e
     xkeys = _modality_order([k for k in arrays if k.startswith("x_") and len(k) > 2])
-    if not xkeys:
-        raise ValueError(f"{path}: no modality arrays found; expected at least one 'x_<modality>' array "
-                         f"[N, L, F], found {sorted(arrays)}")
+    if len(xkeys) < 2:  # a multimodal model: MultimodalTransformer needs M >= 2
+        raise ValueError(f"{path}: expected at least two modality arrays 'x_<modality>' [N, L, F], found "
+                         f"{sorted(arrays)}")
     if "y" not in arrays:
         raise ValueError(f"{path}: missing the label array 'y' [N]; found {sorted(arrays)}")
     for k, a in arrays.items():

@@ -132,7 +132,8 @@ def good():
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.pop("y"), "missing the label array 'y'"),
-    (lambda a: (a.pop("x_a"), a.pop("x_b")), "no modality arrays"),
+    (lambda a: (a.pop("x_a"), a.pop("x_b")), "at least two modality arrays"),
+    (lambda a: a.pop("x_b"), "at least two modality arrays"),
     (lambda a: a.update(x_b=a["x_b"][:5]), "mismatched N"),
     (lambda a: a.update(x_a=a["x_a"][:, 0]), r"'x_a' must be 3-D \[N, L, F\]"),
     (lambda a: a.update(y=a["y"][:, None]), "'y' must be a 1-D integer array"),
