@@ -6,13 +6,14 @@ CPU tensors and the kernels replaced by recorders (kernels/aot.py). Each recorde
 one compile job per autotune config its pruner keeps, specialised as Triton specialises it at run
 time, so a job compiles exactly the kernel a GPU would (and, compiled on that GPU's machine, lands
 under the same Triton cache key). Used by inspect_kernels.py (register and spill report) and
-precompile.py (parallel compiles before the GPU check).
+precompile.py (parallel compiles before the GPU check: gpu_check_plan, exactly what the check
+launches, parity tests first, the benchmarks at their real batch and dtype).
 """
 import contextlib
 import importlib
 import os
 import sys
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -100,26 +101,31 @@ CHECK_PROBLEMS = (
 
 
 def _repo_on_path() -> None:
-    """The repository root on sys.path, for `bench.*` and `tests.numerics` (the test shapes)."""
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
+    """The repository root on sys.path, for `bench.*` and `tests.numerics` (the test shapes), and
+    bench/ itself (peers.py and shapes.py import each other by bare name)."""
+    for path in (_ROOT, os.path.join(_ROOT, "bench")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
 
 
-def gpu_check_problems() -> List[Problem]:
-    """Every problem bench/gpu_check.sh runs: the benchmark shapes (rollingq with rotation and
-    statistics, and without, forward and fwd+bwd) and the CUDA-only parity tests. The batch is 1:
-    it changes no kernel argument, only the grid."""
+# The dtypes each part of bench/gpu_check.sh launches: the CUDA parity tests run every dtype, the
+# benchmarks bf16 only (peers.measure_case's dtype).
+TEST_DTYPES = ("bf16", "fp16", "fp32")
+BENCH_DTYPES = ("bf16",)
+# The batch the benchmark launches are recorded at; None: each shape's own (B 64 for the D 768 and
+# 907-token shapes). Not 1: at B = 1 the shared ids and row mask (rollingq.functional.kernel_arguments
+# expands them) have a batch stride of L instead of 0, which changes Triton's divisibility hints and
+# so the cache key of every kernel. `precompile.py --verify-keys` checks the recorded set against the
+# real batch (bench_problems(None)), so a cheaper batch here cannot silently miss compiles.
+RECORD_BATCH: Optional[int] = None
+
+
+def parity_problems() -> List[Problem]:
+    """The launches of the CUDA-only parity tests (`pytest tests/ -m cuda`), which run before the bench."""
     _repo_on_path()
-    from bench.shapes import GPU_SHAPES, MEMORY_SHAPE
     from tests.numerics import CUDA_DROPOUT_SHAPES, CUDA_LARGE_SHAPES, CUDA_MASK_SHAPES
 
     out = []
-    for s in GPU_SHAPES + (MEMORY_SHAPE,):
-        for stats in (True, False):
-            for grad in (False, True):
-                out.append(_problem(f"{s.name}{'' if stats else '_nostats'}{'_fwdbwd' if grad else '_fwd'}", 1,
-                                    s.heads, s.num_kv_heads, s.seq_len, s.seq_len, s.head_dim, s.causal,
-                                    s.num_modalities, rotate_rows="all" if stats else None, stats=stats, grad=grad))
     for b, h, hkv, lq, lk, d, causal in CUDA_LARGE_SHAPES:
         name = f"test_H{h}_Hkv{hkv}_L{lq}x{lk}_D{d}{'_causal' if causal else ''}"
         out.append(_problem(name + "_fwd", b, h, hkv, lq, lk, d, causal, 3, per_batch=True, grad=False))
@@ -139,6 +145,51 @@ def gpu_check_problems() -> List[Problem]:
             out.append(_problem(f"test_trailing_L300{'_causal' if causal else ''}{'' if trim else '_notrim'}", 4, 2,
                                 1, 300, 300, 16, causal, 3, per_batch=True, rotate_rows=3, dense=True, trim=trim))
     return out
+
+
+def _impl_problem(shape, impl, batch: Optional[int]) -> Problem:
+    """The launches of one rollingq implementation of bench/peers.py on one shape."""
+    if impl.dropout or impl.varlen or impl.mask or impl.bias:
+        raise NotImplementedError(f"{impl.name}: the gpu_check launch set knows no dropout, varlen, mask or bias "
+                                  "benchmark; add it to bench_problems")
+    rotated = "all" if impl.stats else None  # _build_rollingq: no rotation and no rows without statistics
+    return _problem(f"{shape.name}_{impl.name.replace('rollingq_', '')}", shape.batch if batch is None else batch,
+                    shape.heads, shape.num_kv_heads, shape.seq_len, shape.seq_len, shape.head_dim, shape.causal,
+                    shape.num_modalities, rotate_rows=rotated, stats=impl.stats, grad=impl.direction == "fwdbwd",
+                    dense=impl.stats and impl.dense_rotation)
+
+
+def bench_problems(batch: Optional[int] = None) -> List[Problem]:
+    """The rollingq launches of the bench as gpu_check.sh runs it, in its order: the peak-memory shape
+    (peers.MEMORY_IMPLS), then every shape of GPU_SHAPES with each rollingq implementation of
+    peers.IMPL_ORDER (shared ids [L], a plane rotation's factors or a dense rotation, bf16).
+    `batch` None: each shape's own batch, what the GPU launches."""
+    _repo_on_path()
+    import peers
+    from shapes import GPU_SHAPES, MEMORY_SHAPE
+
+    plan = [(MEMORY_SHAPE, peers.MEMORY_IMPLS)] + [(s, peers.IMPL_ORDER) for s in GPU_SHAPES]
+    return [_impl_problem(shape, peers.IMPLS[name], batch) for shape, names in plan for name in names
+            if peers.IMPLS[name].family == "rollingq"]
+
+
+Plan = List[Tuple[List[Problem], Tuple[str, ...]]]  # (problems, dtype names) groups, in launch order
+
+
+def gpu_check_plan() -> Plan:
+    """What bench/gpu_check.sh launches, in its order: the CUDA parity tests in every dtype, then the
+    benchmarks in bf16 (recorded at RECORD_BATCH)."""
+    return [(parity_problems(), TEST_DTYPES), (bench_problems(RECORD_BATCH), BENCH_DTYPES)]
+
+
+def only_dtypes(plan: Plan, dtypes) -> Plan:
+    """The plan restricted to `dtypes` (None: unchanged)."""
+    return plan if dtypes is None else [(problems, tuple(d for d in dts if d in dtypes)) for problems, dts in plan]
+
+
+def gpu_check_problems() -> List[Problem]:
+    """Every problem bench/gpu_check.sh runs (each part in its own dtypes: see gpu_check_plan)."""
+    return [p for problems, _ in gpu_check_plan() for p in problems]
 
 
 ROTATE_KERNELS = ["_low_rank_rotate_kernel", "_dense_rows_rotate_kernel"]
@@ -204,32 +255,62 @@ def short_name(fn_name: str) -> str:
 def _launch_configs(problems, dtypes, arch: Optional[int]):
     """(dtype name, problem, launch, config) for every config each recorded launch can run,
     planned for `arch` (None: this machine's GPU)."""
+    return _plan_launch_configs([(problems, dtypes)], arch)
+
+
+def _plan_launch_configs(plan: Plan, arch: Optional[int]):
     from rollingq.kernels.common import planning_for
 
     with planning_for(arch):
-        for dname in dtypes:
-            for p in problems:
-                for launch in record(p, DTYPES[dname]):
-                    for cfg in launch.configs():
-                        yield dname, p, launch, cfg
+        for problems, dtypes in plan:
+            for dname in dtypes:
+                for p in problems:
+                    for launch in record(p, DTYPES[dname]):
+                        for cfg in launch.configs():
+                            yield dname, p, launch, cfg
+
+
+def _job_key(launch, cfg) -> tuple:
+    """What makes two compiles the same kernel: function, signature, constants, hints, warps, stages."""
+    sig, cx, attrs = launch.specialization(cfg)
+    return (launch.fn.__name__, tuple(sig.items()), tuple(sorted(cx.items())), repr(sorted(attrs.items())),
+            cfg.num_warps, cfg.num_stages)
 
 
 def compile_jobs(problems, dtypes, arch: Optional[int] = None) -> List[tuple]:
     """(name, fn, signature, constexprs, attrs, num_warps, num_stages) per distinct compile of the
     problems in each dtype (names of DTYPES). `arch` plans for that card (launch paths and pruned
     config lists); None plans for the GPU of this machine."""
+    return plan_jobs([(problems, dtypes)], arch)
+
+
+def plan_jobs(plan: Plan, arch: Optional[int] = None) -> List[tuple]:
+    """compile_jobs of every (problems, dtypes) group of the plan, in its order, each compile once."""
     seen, out = set(), []
-    for dname, p, launch, cfg in _launch_configs(problems, dtypes, arch):
-        sig, cx, attrs = launch.specialization(cfg)
-        key = (launch.fn.__name__, tuple(sig.items()), tuple(sorted(cx.items())),
-               repr(sorted(attrs.items())), cfg.num_warps, cfg.num_stages)
+    for dname, p, launch, cfg in _plan_launch_configs(plan, arch):
+        key = _job_key(launch, cfg)
         if key in seen:
             continue
         seen.add(key)
+        sig, cx, attrs = launch.specialization(cfg)
         tile = f"BM{cx['BLOCK_M']} BN{cx['BLOCK_N']} {'wide ' if cx.get('WIDE') else ''}" if "BLOCK_N" in cx else ""
         name = f"{short_name(launch.fn.__name__)} {dname} {p.name} {tile}w{cfg.num_warps} s{cfg.num_stages}"
         out.append((name, launch.fn, sig, cx, attrs, cfg.num_warps, cfg.num_stages))
     return out
+
+
+def uncovered_launches(built: Plan, launched: Plan, arch: int = 90) -> List[str]:
+    """The compiles `launched` needs that `built` does not make (names of the launched jobs): e.g. the
+    benchmarks at their real batch against what precompile.py records. Empty when every launch finds
+    its kernel precompiled."""
+    have = {_job_key(launch, cfg) for _, _, launch, cfg in _plan_launch_configs(built, arch)}
+    missing, seen = [], set()
+    for dname, p, launch, cfg in _plan_launch_configs(launched, arch):
+        key = _job_key(launch, cfg)
+        if key not in have and key not in seen:
+            seen.add(key)
+            missing.append(f"{short_name(launch.fn.__name__)} {dname} {p.name} {cfg}")
+    return missing
 
 
 def portable(job) -> tuple:
@@ -250,6 +331,11 @@ def jit_function(module: str, name: str):
 
 
 def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
+    """plan_key_mismatches of one (problems, dtypes) group."""
+    return plan_key_mismatches([(problems, dtypes)], cap)
+
+
+def plan_key_mismatches(plan: Plan, cap: int = 90) -> List[str]:
     """Launches whose compile job would land under another Triton cache key than the JIT's own
     compile at launch (source hash: signature, constants, hints; and the options hash): recomputed
     here through the JIT's argument binder, on the CPU. Empty when precompiling can help."""
@@ -262,7 +348,7 @@ def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
 
     backend = CUDABackend(GPUTarget("cuda", cap, 32))
     bad = []
-    for dname, p, launch, cfg in _launch_configs(problems, dtypes, cap // 10 * 10):
+    for dname, p, launch, cfg in _plan_launch_configs(plan, cap // 10 * 10):
         fn = launch.fn
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         # what Autotuner.run and JITFunction.run hand to the compiler

@@ -274,11 +274,11 @@ def test_summarize_schema_ratios_and_targets(tmp_path, capsys):
     assert t["paper layer fwd >= 1.5x sdpa_efficient_fwd", PAPER]["result"] == "PASS"  # 2.0
     assert t["paper layer fwd+bwd >= 2x sdpa_efficient_fwdbwd", PAPER]["result"] == "FAIL"  # 1.75
     assert ("paper layer fwd >= 1.5x sdpa_efficient_fwd", "B4_H16_L4096_D128") not in t
-    overhead = "rotation+stats time <= 1.1x rollingq_fwd_nostats"
+    overhead = "forward only: rotation+stats time <= 1.1x rollingq_fwd_nostats"
     assert t[overhead, PAPER]["result"] == "PASS"  # 250 / 240 = 1.04
     assert t[overhead, "B4_H16_L4096_D128"]["result"] == "FAIL"  # 480 / 400 = 1.2
     assert math.isclose(t[overhead, "B4_H16_L4096_D128"]["value"], 1.2)
-    dense = "dense rotation+stats time <= 1.1x rollingq_fwd_nostats"
+    dense = "forward only: dense rotation+stats time <= 1.1x rollingq_fwd_nostats"
     assert t[dense, PAPER]["result"] == "FAIL"  # 250 / 200 = 1.25
     assert t[dense, "B4_H16_L4096_D128"]["result"] == "MISSING"
     mem = [x for x in res["targets"] if x["target"].startswith("peak memory")]
@@ -344,6 +344,10 @@ def test_summary_constants_agree_with_the_bench():
         assert summarize.direction_of(impl) == peers.IMPLS[impl].direction
     named = {t[2] for t in summarize.TARGETS} | {t[3] for t in summarize.TARGETS} | set(summarize.MEMORY_PAIR)
     assert named <= set(peers.IMPL_ORDER)
+    # gpu_check.sh takes its list of bench processes from summarize.GPU_SHAPE_NAMES (no torch import)
+    assert summarize.GPU_SHAPE_NAMES == tuple(s.name for s in shapes.GPU_SHAPES)
+    assert summarize.MEMORY_SHAPE_NAME == shapes.MEMORY_SHAPE.name
+    assert summarize.MEMORY_PAIR == peers.MEMORY_IMPLS
 
 
 # ------------------------------------------------------------------------------------------- plot
@@ -458,3 +462,254 @@ def test_autotune_report_ranks_configs_and_compares_the_wide_split(tmp_path, cap
     path.write_text("")
     assert autotune_report.main([str(path)]) == 0 and "no autotuning decision" in capsys.readouterr().out
     assert autotune_report.main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+# ------------------------------------------------------------------------- flex at D > 256 (audit 3)
+def test_flex_is_not_compiled_above_head_dim_256(monkeypatch):
+    """FlexAttention cannot run D > 256 (shared memory; docs/gpu.md, the paper's D 768): its cases
+    are recorded as the known failure without building (torch.compile on the GPU check's clock)."""
+    built = []
+
+    def build(impl_name, inp, compile_flex=True):
+        built.append((impl_name, inp.shape.head_dim))
+        raise peers.PeerFailed("boom")
+
+    monkeypatch.setattr(peers, "build", build)
+    assert shapes.BY_NAME[PAPER].head_dim > peers.FLEX_MAX_HEAD_DIM == 256
+    wide = shapes.Shape("B1_H1_L16_D288", 1, 1, 16, 288, (8, 8))
+    for impl in ("flex_fwd", "flex_fwdbwd"):
+        rec = peers.measure_case(wide, impl, "cpu", timer=peers.wallclock_ms, dtype=torch.float32)
+        assert rec["status"] == peers.FLEX_KNOWN_FAILURE and rec["ms"] is None and rec["tflops"] is None
+    assert built == []
+    at_limit = shapes.Shape("B1_H1_L16_D256", 1, 1, 16, 256, (8, 8))  # still tried (and here made to fail)
+    assert peers.measure_case(at_limit, "flex_fwd", "cpu", dtype=torch.float32)["status"] == "fails: boom"
+    assert built == [("flex_fwd", 256)]
+    # in the summary: the flex targets of that shape are N/A, the table row names the known failure in full
+    recs = [r for r in FAKE_RECORDS if r["family"] != "flex"] + [
+        fake(PAPER, "flex_fwd", status=peers.FLEX_KNOWN_FAILURE), fake(PAPER, "flex_fwdbwd", status=peers.FLEX_KNOWN_FAILURE)]
+    res = summarize.summarize(recs, commit="c")
+    t = targets_by(res)
+    assert t["fwd >= 1.0x flex_fwd", PAPER]["result"] == "N/A"
+    assert t["fwd >= 1.0x flex_fwd", PAPER]["detail"] == "flex_fwd: " + peers.FLEX_KNOWN_FAILURE
+    assert f"| {PAPER} | flex_fwdbwd | {peers.FLEX_KNOWN_FAILURE} | | |" in summarize.format_report(res)
+
+
+# ------------------------------------------------------------------ every target listed (audit 7, 6)
+def test_summary_lists_every_shape_and_target_measured_or_not():
+    """Shapes the run never reached show every target as MISSING instead of vanishing; the
+    statistics/rotation target says it is measured on the forward only."""
+    res = summarize.summarize(FAKE_RECORDS + [FAKE_MEMORY], commit="c")
+    t = targets_by(res)
+    unreached = [n for n in summarize.GPU_SHAPE_NAMES if n not in (PAPER, "B4_H16_L4096_D128")]
+    assert unreached == ["B64_H12_L907_D64", "B4_H16_L8192_D64", "B2_H32_L8192_D128_causal"]
+    for name in unreached:
+        for text, only, ours, _, _, _ in summarize.TARGETS:
+            if only is None:
+                assert t[text, name]["result"] == "MISSING" and t[text, name]["detail"] == f"{ours}: not run"
+            else:
+                assert (text, name) not in t
+    empty = summarize.summarize([], commit="c")
+    expected = [(text, name) for text, only, *_ in summarize.TARGETS for name in summarize.GPU_SHAPE_NAMES
+                if only in (None, name)] + [(f"peak memory fwd+bwd <= {summarize.MEMORY_THRESHOLD}x sdpa_flash_fwdbwd",
+                                             summarize.MEMORY_SHAPE_NAME)]
+    assert [(x["target"], x["shape"]) for x in empty["targets"]] == expected
+    assert {x["result"] for x in empty["targets"]} == {"MISSING"}
+    report = summarize.format_report(empty)
+    assert sum(ln.startswith("MISSING ") for ln in report.splitlines()) == len(expected) == 5 * 5 + 2 + 1
+    assert "[B2_H32_L8192_D128_causal]" in report
+    overhead = [text for text, _, ours, theirs, _, _ in summarize.TARGETS
+                if (ours, theirs) == ("rollingq_fwd", "rollingq_fwd_nostats")]
+    assert overhead and all("forward only" in text for text in overhead)
+
+
+def test_summary_warns_when_the_commit_is_unknown():
+    lines = summarize.format_report(summarize.summarize([], commit="unknown")).splitlines()
+    assert lines[0].endswith(("commit unknown, torch None, triton None")) and lines[1].startswith(
+        "WARNING: COMMIT UNKNOWN") and "ROLLINGQ_COMMIT=" in lines[1]
+    assert "WARNING" not in summarize.format_report(summarize.summarize([], commit="abc123"))
+
+
+# ----------------------------------------------------------------------- merged reports (audit 5)
+def test_merge_reports_joins_the_per_process_reports(tmp_path, capsys):
+    import merge_reports
+
+    a = write_fake_report(tmp_path / "a.json", FAKE_RECORDS[:2])
+    b = write_fake_report(tmp_path / "b.json", FAKE_RECORDS[2:4])
+    (tmp_path / "cut.json").write_text("")  # a process cut short writes nothing readable
+    out = tmp_path / "bench.json"
+    parts = [a, tmp_path / "cut.json", b, tmp_path / "absent.json"]
+    assert merge_reports.main([str(out)] + [str(p) for p in parts]) == 0
+    err = capsys.readouterr().err
+    assert "cut.json" in err and "absent.json" in err
+    merged = json.loads(out.read_text())
+    assert merged["datetime"] == "2026-01-02T03:04:05"
+    infos = [bm["extra_info"] for bm in merged["benchmarks"]]
+    assert [i for i in infos if i.get("kind") == "attention"] == FAKE_RECORDS[:4]
+    assert len(summarize.load_raw(out)[0]) == 6  # 4 records and the smoke entry of each part
+    assert merge_reports.main([str(out), str(tmp_path / "cut.json")]) == 1
+    assert json.loads(out.read_text()) == {"benchmarks": []}
+
+
+def test_bench_select_runs_one_unit_and_rejects_unknown_names():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROLLINGQ_BENCH_SELECT="memory,bogus")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable", "--co"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "unknown ['bogus']" in proc.stdout + proc.stderr
+    env["ROLLINGQ_BENCH_SELECT"] = "B4_H16_L8192_D64"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable", "--co"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert proc.returncode == 0 and ids and all("[B4_H16_L8192_D64-" in ln for ln in ids), proc.stdout[-2000:]
+    assert len([i for i in ids if "::test_attention[" in i]) == len(peers.IMPL_ORDER)
+
+
+# ------------------------------------------------------------------- precompile's jobs (audit 1, 4)
+_PLAN_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, "bench")
+import launches as L
+import precompile as P
+plan = L.gpu_check_plan()
+real = [(L.bench_problems(None), L.BENCH_DTYPES)]
+out = {"jobs": [j[0] for j in L.plan_jobs(plan, 90)], "n_parity": len(L.plan_jobs(plan[:1], 90)),
+       "bench": [(p.name, p.batch) for p in plan[1][0]], "dtypes": [list(d) for _, d in plan],
+       "uncovered": L.uncovered_launches(plan, real, 90)}
+L.RECORD_BATCH = 1  # the batch precompile used to record at: the check must see what it misses
+out["uncovered_at_b1"] = L.uncovered_launches(L.gpu_check_plan(), real, 90)
+os.sched_getaffinity = lambda pid: set(range(64))
+out["workers_64"] = P.default_workers()
+os.sched_getaffinity = lambda pid: {3, 5}
+out["workers_2"] = P.default_workers()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def precompile_plan():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the recorded specialisation is the compiler's, not the interpreter's
+    proc = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_precompile_records_the_bench_at_its_real_batch(precompile_plan):
+    """At B = 1 the shared ids and row mask have a batch stride of L, not 0: other divisibility hints,
+    another cache key, so the B 64 shapes' kernels (the paper's layer) compiled on the clock. The
+    jobs must cover every bench launch at the shape's own batch; the check sees a B = 1 recording."""
+    plan = precompile_plan
+    for name, batch in plan["bench"]:
+        shape = next(s for s in shapes.GPU_SHAPES + (shapes.MEMORY_SHAPE,) if name.startswith(s.name + "_"))
+        assert batch == shape.batch, (name, batch)
+    assert plan["uncovered"] == []
+    missed = plan["uncovered_at_b1"]
+    assert any(f" {PAPER}_fwd " in m for m in missed) and any(" B64_H12_L907_D64_fwdbwd " in m for m in missed)
+
+
+def test_precompile_builds_only_what_is_launched_parity_first(precompile_plan):
+    """The bench runs bf16 only, no fwd+bwd without statistics, only fwd+bwd at the memory shape;
+    the parity tests (which run first) get their kernels first; at most 16 workers, by affinity."""
+    plan = precompile_plan
+    mem = shapes.MEMORY_SHAPE.name
+    expected = [f"{mem}_fwdbwd"] + [f"{s.name}_{suffix}" for s in shapes.GPU_SHAPES
+                                    for suffix in ("fwd", "fwd_nostats", "fwd_denserot", "fwdbwd")]
+    assert [name for name, _ in plan["bench"]] == expected  # the bench's own order: memory first
+    assert plan["dtypes"] == [["bf16", "fp16", "fp32"], ["bf16"]]
+    jobs, n = [j.split() for j in plan["jobs"]], plan["n_parity"]
+    assert 0 < n < len(jobs)
+    assert all(j[2].startswith("test_") for j in jobs[:n])
+    assert all(not j[2].startswith("test_") and j[1] == "bf16" for j in jobs[n:])
+    assert plan["workers_64"] == 16 and plan["workers_2"] == 2
+
+
+# ------------------------------------------------------------------------- gpu_check.sh (audit 2, 5, 6)
+ALLOWED_OUT = {"bench.json", "results.json", "table.md", "autotune.md", "parity.log", "bench.log", "records.jsonl",
+               "autotune.jsonl"}
+_FAKE_RECORD = json.dumps({"kind": "attention", "shape": "B64_H12_L907_D64", "impl": "rollingq_fwd",
+                           "family": "rollingq", "direction": "fwd", "status": "ok", "ms": 1.0, "tflops": 100.0,
+                           "card": "FAKE-CARD", "device": "cuda", "torch": "FAKE", "triton": "FAKE"})
+# Stands in for python3: the real interpreter, except for the steps a case replaces (FAKE_MODE).
+_FAKE_PY = r"""#!/usr/bin/env bash
+case "$*" in
+  "-m pytest tests/"*) echo "fake parity: 1 passed"; exit 0 ;;
+  "bench/precompile.py"*) echo "fake precompile"; exit 0 ;;
+  "-m pytest bench/"*)
+    case "$FAKE_MODE:$ROLLINGQ_BENCH_SELECT" in
+      hang:memory,smoke) trap '' INT; exec sleep 60 ;;  # ignores SIGINT: killed after the grace
+      crash:B64_H1_L907_D768) echo "killed"; exit 137 ;;
+      crash:B64_H12_L907_D64) echo '%s' >> "$ROLLINGQ_BENCH_JSONL"; echo "fake illegal address"; exit 1 ;;
+    esac ;;
+  "-c import sys, torch, triton"*) [ "$FAKE_MODE" = hang ] && { echo "fake versions"; exit 3; } ;;
+esac
+exec %s "$@"
+"""
+
+
+def _gpu_check(tmp_path, mode, **env_extra):
+    """bash bench/gpu_check.sh on this CPU box, the interpreter picked from PATH (a python3 stand-in
+    first, a `python` that works only for the pick's look-up), git failing as in a copy without .git."""
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {"python3": _FAKE_PY % (_FAKE_RECORD, sys.executable), "git": "#!/bin/sh\nexit 128\n",
+               "python": f'#!/usr/bin/env bash\ncase "$1 $2" in "-c import importlib.util"*) exec {sys.executable} '
+                         f'"$@" ;; esac\necho "WRONG INTERPRETER: python before python3"; exit 1\n'}
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLINGQ_", "TRITON_INTERPRET", "PYTHON"))}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", ROLLINGQ_SKIP_INSTALL="1",
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), FAKE_MODE=mode, **env_extra)
+    start = time.monotonic()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_gpu_check_isolates_each_bench_unit(tmp_path):
+    """A dry run of the one-call check: the memory measurement first, then one pytest process per
+    shape; a shape killed (137) or crashed (a sticky CUDA error) leaves the later shapes running and
+    its records in the summary; unreached targets MISSING; at most the 8 files under $OUT; python3
+    preferred; no .git: commit unknown, loudly."""
+    proc, _ = _gpu_check(tmp_path, "crash")
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:] + proc.stderr[-2000:]
+    assert "WRONG INTERPRETER" not in out
+    assert "steps failed: no-cuda-device bench:B64_H1_L907_D768(timeout) bench:B64_H12_L907_D64(rc=1);" in out
+    units = re.findall(r"^--- (\S+) \(limit \d+ s", out, flags=re.MULTILINE)
+    assert units == ["memory"] + list(summarize.GPU_SHAPE_NAMES)
+    assert re.search(r"--- B4_H16_L4096_D128 .*\n\d+ skipped, \d+ deselected", out)  # ran after the crash
+    assert re.search(r"--- memory .*\n1 passed, 1 skipped, \d+ deselected", out)  # memory + the CPU smoke case
+    assert out.count("WARNING: COMMIT UNKNOWN") >= 2  # at the start, and again before the table
+    files = set(os.listdir(tmp_path / "out"))
+    assert files <= ALLOWED_OUT and len(files) <= 8, files
+    assert not list(tmp_path.glob("rollingq_bench_parts.*"))  # the per-process reports, merged and removed
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["commit"] == "unknown"
+    assert [(r["shape"], r["impl"]) for r in res["records"]] == [("B64_H12_L907_D64", "rollingq_fwd")]
+    assert len([t for t in res["targets"] if t["result"] == "MISSING"]) == len(res["targets"]) == 28
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert out.rstrip().endswith(table.rstrip())  # the table prints last
+    kinds = [b["extra_info"]["kind"] for b in json.loads((tmp_path / "out" / "bench.json").read_text())["benchmarks"]]
+    assert kinds == ["cpu_smoke"]
+
+
+@pytest.mark.slow
+def test_gpu_check_keeps_the_total_budget(tmp_path):
+    """A unit that ignores SIGINT is killed after the grace (rc 137: a timeout); the units after it
+    share the bench deadline, so they are not started; the whole run stays within TOTAL_BUDGET."""
+    budget = 22
+    proc, wall = _gpu_check(tmp_path, "hang", TOTAL_BUDGET=str(budget), KILL_GRACE="2", BENCH_MIN_UNIT_S="3")
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:] + proc.stderr[-2000:]
+    not_run = " ".join(f"bench:{n}(not run)" for n in summarize.GPU_SHAPE_NAMES)
+    assert f"steps failed: no-cuda-device bench:memory(timeout) {not_run};" in out, out[-3000:]
+    assert "memory hit the bench deadline (rc=137)" in out
+    assert wall <= budget, wall
+    assert "MISSING peak memory" in out
