@@ -4,8 +4,8 @@
 #   ROLLINGQ_COMMIT=<sha> bash bench/gpu_check.sh   # results under $OUT, default bench/results/latest
 #
 # The device gets a copy of the working tree without .git: the caller passes the commit
-# (`ROLLINGQ_COMMIT=$(git rev-parse HEAD)`, bench/results/README.md); without it the run is
-# recorded as commit "unknown", with a loud warning.
+# (`ROLLINGQ_COMMIT=<sha>`, the sha written in where `git rev-parse HEAD` works;
+# bench/results/README.md); without it the run is recorded as commit "unknown", with a loud warning.
 #
 # Every step runs even when an earlier one fails (one device call should bring back everything it
 # can); the exit status is non-zero if any step failed. Time: at most TOTAL_BUDGET (400 s) in all,
@@ -97,7 +97,7 @@ echo "commit $ROLLINGQ_COMMIT"
 commit_warning() {
   [ "$ROLLINGQ_COMMIT" = unknown ] || return 0
   echo "!!!!! WARNING: COMMIT UNKNOWN: this copy has no .git and ROLLINGQ_COMMIT is not set; the results"
-  echo "!!!!! cannot be tied to a version. Run: ROLLINGQ_COMMIT=\$(git rev-parse HEAD) bash bench/gpu_check.sh"
+  echo "!!!!! cannot be tied to a version. Run: ROLLINGQ_COMMIT=<sha> bash bench/gpu_check.sh (bench/results/README.md)"
 }
 commit_warning
 

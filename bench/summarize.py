@@ -259,7 +259,7 @@ def format_report(results: dict) -> str:
              f"torch {results['torch']}, triton {results['triton']}", ""]
     if results["commit"] == UNKNOWN_COMMIT:
         lines[1:1] = ["WARNING: COMMIT UNKNOWN: no .git in the copy and no ROLLINGQ_COMMIT; run "
-                      "`ROLLINGQ_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh` (bench/results/README.md)"]
+                      "`ROLLINGQ_COMMIT=<sha> bash bench/gpu_check.sh` (bench/results/README.md)"]
     records = results["records"]
     if not records:
         lines.append("no GPU records (CUDA not available, or every GPU case failed)")
