@@ -187,11 +187,6 @@ def only_dtypes(plan: Plan, dtypes) -> Plan:
     return plan if dtypes is None else [(problems, tuple(d for d in dts if d in dtypes)) for problems, dts in plan]
 
 
-def gpu_check_problems() -> List[Problem]:
-    """Every problem bench/gpu_check.sh runs (each part in its own dtypes: see gpu_check_plan)."""
-    return [p for problems, _ in gpu_check_plan() for p in problems]
-
-
 ROTATE_KERNELS = ["_low_rank_rotate_kernel", "_dense_rows_rotate_kernel"]
 
 
@@ -252,13 +247,9 @@ def short_name(fn_name: str) -> str:
             "_dense_rows_rotate_kernel": "rotate_dense"}.get(fn_name, fn_name)
 
 
-def _launch_configs(problems, dtypes, arch: Optional[int]):
-    """(dtype name, problem, launch, config) for every config each recorded launch can run,
-    planned for `arch` (None: this machine's GPU)."""
-    return _plan_launch_configs([(problems, dtypes)], arch)
-
-
 def _plan_launch_configs(plan: Plan, arch: Optional[int]):
+    """(dtype name, problem, launch, config) for every config each recorded launch of the plan can
+    run, planned for `arch` (None: this machine's GPU)."""
     from rollingq.kernels.common import planning_for
 
     with planning_for(arch):
@@ -328,11 +319,6 @@ def jit_function(module: str, name: str):
         if isinstance(fn, triton.runtime.jit.JITFunction) and fn.__name__ == name:
             return fn
     raise LookupError(f"no kernel {name} in {module}")
-
-
-def jit_key_mismatches(problems, dtypes, cap: int = 90) -> List[str]:
-    """plan_key_mismatches of one (problems, dtypes) group."""
-    return plan_key_mismatches([(problems, dtypes)], cap)
 
 
 def plan_key_mismatches(plan: Plan, cap: int = 90) -> List[str]:

@@ -50,16 +50,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, rotation: Rotation = None,
                     rotate_rows: RotateRows = None, causal: bool = False, scale: Optional[float] = None,
-                    attn_mask: Optional[torch.Tensor] = None,
-                    compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention probabilities [B, H, Lq, Lk] of `rollingq_attention_reference` (before dropout),
-    from checked arguments and [B, Lk] ids: float32 (float64 for float64 q, or for compute_dtype
-    float64), differentiable, exactly 0 on hidden keys and on rows without a live key.
-    `compute_dtype`: as `rollingq_attention_reference`'s."""
-    check_compute_dtype(compute_dtype)
-    if compute_dtype is not None:
-        # Differentiable casts: the gradients reach q and k in their own dtype.
-        q, k = q.to(compute_dtype), k.to(compute_dtype)
+    from checked arguments and [B, Lk] ids: float32 (float64 for float64 q), differentiable, exactly
+    0 on hidden keys and on rows without a live key. Computed in q's dtype (the caller casts)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -124,7 +118,7 @@ def rollingq_attention_reference(
     B, H = q.shape[:2]
     Hkv, Lk = k.shape[1], k.shape[2]
     out_dtype = v.dtype
-    if compute_dtype is not None:
+    if compute_dtype is not None:  # differentiable casts: the gradients reach the inputs in their own dtype
         q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     acc_dtype = _acc_dtype(q.dtype)
     ids = modality_ids.expand(B, Lk) if modality_ids.dim() == 1 else modality_ids
