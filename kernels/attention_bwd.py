@@ -643,12 +643,14 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None, pre
     )(kernel)
 
 
+# TMA in the keys: a tile timed on the descriptor path is not reused on the pointer path (a view
+# that tma_ready refuses), whose loads and best tile differ.
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
                        ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
+                        "TMA", "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
                      ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
+                      "TMA", "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
                      _DQ_WIDE, _DQ_SPILLS, pre_hook=_zero_shared_mask_grad)
 
 

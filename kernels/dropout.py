@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import launch_grid
+
 KEEP_BITS = 16
 
 
@@ -68,7 +70,10 @@ def kept(seed, bh, rows, col0, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit(do_not_specialize=["thresh"])
 def _keep_mask_kernel(SEED, OUT, H, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    # Tiles on grid dim 0 (up to 2^31 - 1), heads and batch on dims 1 and 2 (up to 65535 each).
+    pid, n_blocks = tl.program_id(0), tl.cdiv(Lk, BLOCK_N)
+    pid_m, pid_n = pid // n_blocks, pid % n_blocks
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = kept(tl.load(SEED), bh.to(tl.uint32), offs_m[:, None], pid_n * BLOCK_N, thresh, BLOCK_M, BLOCK_N)
@@ -84,6 +89,6 @@ def keep_mask(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: f
     Runs the kernels: CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
     out = torch.empty((B, H, Lq, Lk), device=seed.device, dtype=torch.int8)
     if out.numel():
-        grid = (B * H, triton.cdiv(Lq, 32), triton.cdiv(Lk, 32))
+        grid = launch_grid(triton.cdiv(Lq, 32) * triton.cdiv(Lk, 32), 1, H, B)
         _keep_mask_kernel[grid](seed, out, H, Lq, Lk, threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return out.view(torch.bool)

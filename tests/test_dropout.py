@@ -84,6 +84,9 @@ def test_mask_statistics():
     mask = keep_mask(seed, B, H, L, L, 0.25)
     assert abs(mask.float().mean().item() - 0.75) < 0.02  # 24576 draws: 5 standard deviations is 0.014
     assert torch.equal(mask, keep_mask(seed, B, H, L, L, 0.25))
+    # An element's draw depends on (batch, head, row, key) only: non-square masks are sub-blocks.
+    assert torch.equal(keep_mask(seed, B, H, 40, 33, 0.25), mask[:, :, :40, :33])
+    assert torch.equal(keep_mask(seed, B, H, 5, 64, 0.25), mask[:, :, :5])
     agree = 0.75 ** 2 + 0.25 ** 2  # two independent masks agree this often
     for other in (mask[0, 1], mask[1, 0], keep_mask(seed + 1, B, H, L, L, 0.25)[0, 0], mask[0, 0].T):
         assert abs((mask[0, 0] == other).float().mean().item() - agree) < 0.05
