@@ -57,11 +57,12 @@ from .attn_mask import grad_buffer as mask_grad_buffer
 from .attn_mask import grad_plan as mask_grad_plan
 from .attn_mask import kind_of, lse_planes, lse_shape, mask_tile
 from .attn_mask import launch_args as mask_launch_args
+from .attn_mask import offset_slices as mask_slices
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
 from .grid import launch_grid, program_ids
-from .offsets import int64_offsets, widen
+from .offsets import int64_offsets, widen, widen2
 from .rotate import dense_rotation, is_low_rank
 from .rotate import rotate as rotate_rows
 from .tiles import (WIDE_CHUNK, WIDE_MAX_D, chunked_products, load_chunk, store_chunk, wide_accumulators,
@@ -291,6 +292,7 @@ def _bwd_dkdv_kernel(
         s_qm, s_qd, s_kn, s_kd = widen(s_qm, s_qd, s_kn, s_kd)
         s_vn, s_vd, s_dm, s_dd = widen(s_vn, s_vd, s_dm, s_dd)
         s_dkn, s_dkd, s_dvn, s_dvd = widen(s_dkn, s_dkd, s_dvn, s_dvd)
+        s_am, s_an = widen2(s_am, s_an)
     pid_n, pid_d, hkv, b = program_ids((HEAD_D + BLOCK_DV - 1) // BLOCK_DV)
     hkv = hkv.to(tl.int64)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
@@ -443,7 +445,7 @@ def _bwd_dq_kernel(
     if OFFS64:
         s_qm, s_qd, s_kn, s_kd = widen(s_qm, s_qd, s_kn, s_kd)
         s_vn, s_vd, s_dm, s_dd = widen(s_vn, s_vd, s_dm, s_dd)
-        s_dqm, s_dqd, _, _ = widen(s_dqm, s_dqd, s_dqm, s_dqd)
+        s_dqm, s_dqd, s_am, s_an = widen(s_dqm, s_dqd, s_am, s_an)
     # The wide split (a config choice on the split path): NACC accumulators of WC dq columns
     # (dq, dq1, dq2) per program, two programs per query block.
     WIDE_ON: tl.constexpr = WIDE != 0 and SPLIT
@@ -814,7 +816,7 @@ def attention_bwd(
         common.deterministic(),
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
-        OFFS64=int64_offsets(q_rot, k, v, do, dk, dv),
+        OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
     )
 
     dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
@@ -837,7 +839,7 @@ def attention_bwd(
         HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
         CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
         SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK, OFFS64=int64_offsets(q_rot, k, v, do, dq),
+        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK, OFFS64=int64_offsets(q_rot, k, v, do, dq, *mask_slices(amask, mask_kind)),
     )
     if rotate and not in_kernel_rot:
         # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,

@@ -28,12 +28,13 @@ import triton.language as tl
 
 from . import common
 from .attn_mask import launch_args as mask_launch_args
+from .attn_mask import offset_slices as mask_slices
 from .attn_mask import lse_planes, lse_shape, mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
 from .grid import launch_grid, program_ids
-from .offsets import int64_offsets, widen
+from .offsets import int64_offsets, widen, widen2
 from .rotate import dense_rotation
 from .rotate import rotate as rotate_rows
 from .tiles import WIDE_CHUNK, WIDE_MAX_D, load_chunk, store_chunk, wide_accumulators, wide_plan
@@ -235,6 +236,7 @@ def _rollingq_fwd_kernel(
     if OFFS64:
         s_qm, s_qd, s_kn, s_kd = widen(s_qm, s_qd, s_kn, s_kd)
         s_vn, s_vd, s_om, s_od = widen(s_vn, s_vd, s_om, s_od)
+        s_am, s_an = widen2(s_am, s_an)
     # The wide split (a config choice on the split path): Q resident as NQC tiles of WC columns,
     # each program accumulating NACC output chunks of WC columns (acc, a1, a2: no arrays of tiles).
     WIDE_ON: tl.constexpr = WIDE != 0 and SPLIT
@@ -560,7 +562,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
         TRIM=trim, MASK=mask_kind,
         EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
         MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
-        OFFS64=int64_offsets(q, k, v, out),
+        OFFS64=int64_offsets(q, k, v, out, *mask_slices(amask, mask_kind)),
     )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum

@@ -23,15 +23,16 @@ import triton.language as tl
 from . import common
 
 NONE, KEEP, BIAS = 0, 1, 2
-MAX_SLICE_OFFSET = 2 ** 31  # element offsets within one (batch, head) slice stay below this (mask_tile)
+MAX_SLICE_OFFSET = 2 ** 31  # the dense gradient buffer's offsets within one (batch, head) slice stay below this
 
 
 @triton.jit
 def mask_tile(base, rows, cols, rows_ok, cols_ok, s_r, s_c, MASK: tl.constexpr):
     """The mask over rows x cols: KEEP -> bool (out of range: False), BIAS -> fp32 bias in base 2
     (out of range: 0, where the caller hides the element anyway). Offsets within a (batch, head)
-    slice are 32-bit (launch_args checks that they fit): 64-bit ones per element spill registers
-    (sm_90 dK/dV D64 BM64 BN128, 16-bit: 96 B; fp32 dK/dV: 8-48 B)."""
+    slice are 32-bit unless the slice spans 2^31 elements (offset_slices: the kernel's OFFS64 then
+    widens s_r and s_c): 64-bit ones per element spill registers (sm_90 dK/dV D64 BM64 BN128,
+    16-bit: 96 B; fp32 dK/dV: 8-48 B), a cost only such huge masks pay."""
     ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
     ok = rows_ok[:, None] & cols_ok[None, :]
     if MASK == 1:
@@ -69,11 +70,14 @@ def launch_args(attn_mask, B: int, H: int, Lq: int, Lk: int, stand_in: torch.Ten
     if attn_mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attn_mask must be bool, float16, bfloat16 or float32, got {attn_mask.dtype}")
     full = attn_mask.expand(B, H, Lq, Lk)
-    if max(Lq - 1, 0) * full.stride(2) + max(Lk - 1, 0) * full.stride(3) >= MAX_SLICE_OFFSET:
-        raise ValueError(f"attn_mask: the kernels address one (batch, head) slice of the mask with 32-bit "
-                         f"offsets, and this one's [Lq, Lk] = [{Lq}, {Lk}] slice with strides "
-                         f"{full.stride()[2:]} spans 2^31 elements or more; pass a smaller mask or split Lq")
     return (full.view(torch.uint8) if kind == KEEP else full), full.stride(), kind
+
+
+def offset_slices(amask: torch.Tensor, kind: int) -> tuple:
+    """The launcher's mask argument as a tensor whose [Lq, Lk] slice decides OFFS64 with the others
+    (offsets.int64_offsets): a dense [L, L] mask spans 2^31 elements from L = 46341 on. Empty
+    without a mask (the stand-in is never read)."""
+    return (amask,) if kind != NONE else ()
 
 
 DENSE_GRAD, SHARED_GRAD = 1, 2  # the dQ kernel's MASK_GRAD

@@ -107,9 +107,9 @@ def rollingq_attention(
             [B, H, Lq, Lk] buffer, as SDPA's memory-efficient backward does (B * H * Lq * Lk
             elements of memory; kernels/attn_mask.grad_plan). Broadcast dims are read with
             stride 0, not copied; every score tile reads its part of the mask (no key block is
-            skipped for it). The kernels refuse a mask whose
-            [Lq, Lk] slice spans 2^31 elements, and a mask gradient with Lq * Lk >= 2^31 (32-bit
-            offsets).
+            skipped for it). A mask whose [Lq, Lk] slice spans 2^31 elements (dense [L, L] from
+            L = 46341 on) is read with 64-bit offsets; a dense gradient buffer needs
+            Lq * Lk < 2^31 (the kernels refuse larger ones).
 
     B, Lq and Lk may be 0 (H and D may not): the results are then empty, or for Lk = 0 zero rows
     (no row has a live key); `key_sum` still sums the keys when Lq = 0. Meta tensors give

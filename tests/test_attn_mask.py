@@ -517,19 +517,25 @@ def test_cross_attention_lengths(kind):
     assert (st.attn_mass.double() - s64.attn_mass).abs().max().item() < 1e-5
 
 
-def test_mask_slices_beyond_32_bit_offsets_are_refused():
-    """A [L, L] slice from L = 46341 on spans 2^31 elements: refused by the launchers with an error
-    that names the mask, rather than addressed wrongly (meta tensors: no memory is allocated)."""
-    from rollingq.kernels.attn_mask import launch_args
+def test_mask_slices_beyond_32_bit_offsets_take_64_bit_ones():
+    """A [L, L] slice from L = 46341 on spans 2^31 elements: the launchers then pass OFFS64 (the
+    kernels read it with 64-bit offsets; tests/test_int64_offsets.py runs one); a smaller one, or a
+    row shared by all queries, keeps 32-bit offsets (meta tensors: no memory is allocated)."""
+    from rollingq.kernels.attn_mask import launch_args, offset_slices
+    from rollingq.kernels.offsets import int64_offsets
+
+    def offs64(mask, B, H, Lq, Lk):
+        amask, _, kind = launch_args(mask, B, H, Lq, Lk, stand_in)
+        return int64_offsets(*offset_slices(amask, kind))
 
     stand_in = torch.empty(1)
     big = torch.empty_strided((46341, 46341), (46341, 1), device="meta", dtype=torch.bool)
-    with pytest.raises(ValueError, match="attn_mask.*2\\^31"):
-        launch_args(big, 1, 1, 46341, 46341, stand_in)
+    assert offs64(big, 1, 1, 46341, 46341)
     fits = torch.empty_strided((46340, 46340), (46340, 1), device="meta", dtype=torch.bool)
-    assert launch_args(fits, 2, 3, 46340, 46340, stand_in)[2] == 1
+    assert not offs64(fits, 2, 3, 46340, 46340)
     shared = torch.empty_strided((1, 10 ** 6), (0, 1), device="meta", dtype=torch.float16)  # one row for all
-    assert launch_args(shared, 1, 1, 10 ** 5, 10 ** 6, stand_in)[2] == 2
+    assert not offs64(shared, 1, 1, 10 ** 5, 10 ** 6)
+    assert offset_slices(stand_in, 0) == ()
 
 
 @pytest.mark.parametrize("fill", [-1e30, -1e9, torch.finfo(torch.float32).min])

@@ -74,3 +74,43 @@ def test_rows_past_2_31_elements_forward_and_backward(path, monkeypatch):
     ref_stats = results["64"][4]
     assert (stats.attn_mass.double() - ref_stats.attn_mass).abs().max() <= stats_tol(dtype)
     assert (stats.key_sum.double() - ref_stats.key_sum).abs().max() <= 1e-2  # fp16 keys summed in fp32
+
+
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+@pytest.mark.parametrize("path", ["single", "d_split"])
+def test_mask_rows_past_2_31_elements(kind, path, monkeypatch):
+    """A mask whose [Lq, Lk] slice spans 2^31 elements (a dense [L, L] one from L = 46341 on, which
+    the launchers used to refuse): here a view with rows ROW apart. The forward, dK/dV and dQ
+    kernels each read it; a wrapped row would read the sentinel (False, or a bias of 7). The
+    results equal, bit for bit, those with a contiguous copy of the mask, and meet the rule."""
+    if path == "d_split":
+        force_d_split(monkeypatch)
+    gen = torch.Generator().manual_seed(62)
+    dtype = torch.float32
+    store = torch.empty(START + (L - 1) * ROW + L, dtype=torch.bool if kind == "bool" else torch.float16)
+    store[:4096] = False if kind == "bool" else 7.0
+    mask = store.as_strided((L, L), (ROW, 1), START)
+    if kind == "bool":
+        mask.copy_(torch.tensor([[True, False, True], [False, True, True], [True, True, True]]))
+    else:
+        mask.copy_(torch.randn(L, L, generator=gen))
+    assert int64_offsets(mask)
+    q, k, v, grad = (torch.randn(1, 2, L, D, generator=gen, dtype=dtype) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ids = torch.tensor([0, 1, 0])
+    got = {}
+    for name, m in (("huge", mask), ("contiguous", mask.contiguous())):
+        out, stats = rollingq_attention(q, k, v, ids, 2, attn_mask=m)
+        got[name] = (out, *torch.autograd.grad(out, (q, k, v), grad), stats.attn_mass)
+    for a, b in zip(got["huge"], got["contiguous"]):
+        assert torch.equal(a, b)
+
+    results = {}
+    for name, dt in (("64", torch.float64), ("lowp", dtype)):
+        qc, kc, vc = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        m = mask.contiguous() if kind == "bool" else mask.contiguous().to(dt)
+        o, st = rollingq_attention_reference(qc, kc, vc, ids, 2, attn_mask=m)
+        results[name] = (o, *torch.autograd.grad(o, (qc, kc, vc), grad.to(dt)), st)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_close_by_rule(name, got["huge"][i], results["64"][i], results["lowp"][i])
+    assert (got["huge"][4].double() - results["64"][4].attn_mass).abs().max() <= stats_tol(dtype)
