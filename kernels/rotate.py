@@ -169,16 +169,17 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     """Rows of x [B, H, L, D] (any strides) times R^T (transpose=True: times R) where rot_mask
     (bool/uint8 [B, L], stride 0 allowed; None: every row) is set, unchanged elsewhere.
 
-    rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new tensor in x's dtype
-    (contiguous, except whatever einsum gives for a dense rotation of every row); with in_place (the
-    packed form only, for a buffer the caller owns, e.g. dq) x itself, whose unselected rows are
-    not touched.
+    rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new contiguous tensor in
+    x's dtype (the ops' fake implementations promise that layout: Inductor checks it); with in_place
+    (the packed form only, for a buffer the caller owns, e.g. dq) x itself, whose unselected rows
+    are not touched.
     """
     if not is_low_rank(rotation):
         if rot_mask is not None:
             return _rotate_dense_rows(x, rotation, rot_mask, transpose)
-        eq = "bhld,hde->bhle" if transpose else "bhld,hed->bhle"
-        return torch.einsum(eq, x, rotation.to(x.dtype))
+        # A broadcast matmul: einsum may hand back a permuted layout (batch and heads swapped).
+        r = rotation.to(x.dtype)
+        return torch.matmul(x, r if transpose else r.transpose(-1, -2)).contiguous()
     B, H, L, D = x.shape
     r = rotation.shape[-1]
     # x @ R^T = x + (x @ right) @ left^T; x @ R = x + (x @ left) @ right^T.

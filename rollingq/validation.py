@@ -98,9 +98,12 @@ def _aminmax_able(t: torch.Tensor) -> torch.Tensor:
 checked_values = CheckedValues()
 
 
-def _require(cond: bool, message: str, exc=ValueError) -> None:
+def _require(cond: bool, message: Union[str, Callable[[], str]], exc=ValueError) -> None:
+    """Raise exc(message) unless cond. Messages that format sizes come as a lambda, built only on
+    failure: under torch.compile formatting a symbolic size fixes it to its current value (a new
+    graph per length or batch size, and an error at the recompile limit with fullgraph=True)."""
     if not cond:
-        raise exc(message)
+        raise exc(message() if callable(message) else message)
 
 
 def check_inputs(
@@ -122,68 +125,68 @@ def check_inputs(
     """Raises on any bad argument. `ids_in_range`: the caller has checked the ids' values already
     (RollingQAttention, which builds them from checked ones)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
-        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _require(t.dim() == 4, f"{name} must be 4-D [B, heads, L, D], got shape {tuple(t.shape)}")
-    _require(q.dtype in allowed_dtypes, f"q must have dtype in {allowed_dtypes}, got {q.dtype}", TypeError)
+        _require(t.dim() == 4, lambda: f"{name} must be 4-D [B, heads, L, D], got shape {tuple(t.shape)}")
+    _require(q.dtype in allowed_dtypes, lambda: f"q must have dtype in {allowed_dtypes}, got {q.dtype}", TypeError)
     _require(k.dtype == q.dtype and v.dtype == q.dtype,
-             f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
+             lambda: f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
     _require(k.device == q.device and v.device == q.device and modality_ids.device == q.device,
-             f"q, k, v and modality_ids must be on one device, got q {q.device}, k {k.device}, "
+             lambda: f"q, k, v and modality_ids must be on one device, got q {q.device}, k {k.device}, "
              f"v {v.device}, modality_ids {modality_ids.device}")
     B, H, Lq, D = q.shape
-    _require(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _require(k.shape == v.shape, lambda: f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     Bk, Hkv, Lk, Dk = k.shape
-    _require(Bk == B, f"k must have batch {B} like q, got {Bk}")
-    _require(Dk == D, f"k and v must have head dim {D} like q, got {Dk}")
-    _require(Hkv >= 1 and H % Hkv == 0, f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for GQA")
+    _require(Bk == B, lambda: f"k must have batch {B} like q, got {Bk}")
+    _require(Dk == D, lambda: f"k and v must have head dim {D} like q, got {Dk}")
+    _require(Hkv >= 1 and H % Hkv == 0, lambda: f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for GQA")
     # Empty batches and sequences are legal (rollingq_attention returns empty or zero results);
     # a head without width or without query heads is not.
-    _require(H >= 1 and D >= 1, f"q must have at least one head and head dim >= 1, got shape {tuple(q.shape)}")
+    _require(H >= 1 and D >= 1, lambda: f"q must have at least one head and head dim >= 1, got shape {tuple(q.shape)}")
 
     _require(isinstance(num_modalities, int) and not isinstance(num_modalities, bool)
              and 1 <= num_modalities <= MAX_MODALITIES,
-             f"num_modalities must be an int in 1..{MAX_MODALITIES}, got {num_modalities!r}")
+             lambda: f"num_modalities must be an int in 1..{MAX_MODALITIES}, got {num_modalities!r}")
     _require(not modality_ids.dtype.is_floating_point and modality_ids.dtype != torch.bool
              and not modality_ids.is_complex(),
-             f"modality_ids must be an integer tensor, got {modality_ids.dtype}", TypeError)
+             lambda: f"modality_ids must be an integer tensor, got {modality_ids.dtype}", TypeError)
     _require(modality_ids.dtype not in _WIDE_UNSIGNED,  # PyTorch has few ops for these (no >=, no aminmax)
-             f"modality_ids must be int8/16/32/64 or uint8, got {modality_ids.dtype}", TypeError)
+             lambda: f"modality_ids must be int8/16/32/64 or uint8, got {modality_ids.dtype}", TypeError)
     _require(modality_ids.dim() in (1, 2) and modality_ids.shape[-1] == Lk
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
-             f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
+             lambda: f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
     check_values = value_checks_enabled(q.device)
     if check_values and modality_ids.numel() and not ids_in_range:
         lo, hi = checked_values.ids_range(modality_ids)
         _require(lo >= -1 and hi < num_modalities,
-                 f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
+                 lambda: f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
 
     if isinstance(rotation, LowRankRotation):
         _check_low_rank(rotation, H, D, q.device, check_values)
     elif rotation is not None:
         _require(isinstance(rotation, torch.Tensor), "rotation must be a torch.Tensor, a LowRankRotation or None",
                  TypeError)
-        _require(rotation.shape == (H, D, D), f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
-        _require(rotation.dtype.is_floating_point, f"rotation must be floating point, got {rotation.dtype}", TypeError)
-        _require(rotation.device == q.device, f"rotation must be on {q.device}, got {rotation.device}")
+        _require(rotation.shape == (H, D, D), lambda: f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
+        _require(rotation.dtype.is_floating_point, lambda: f"rotation must be floating point, got {rotation.dtype}", TypeError)
+        _require(rotation.device == q.device, lambda: f"rotation must be on {q.device}, got {rotation.device}")
         if check_values:
             _require(checked_values.finite(rotation), "rotation must be finite (it holds NaN or inf)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
-            _require(rotate_rows.dtype == torch.bool, f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
+            _require(rotate_rows.dtype == torch.bool, lambda: f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
             _require((rotate_rows.dim() == 1 and rotate_rows.shape[0] == Lq)
                      or (rotate_rows.dim() == 2 and tuple(rotate_rows.shape) == (B, Lq)),
-                     f"rotate_rows must have shape [Lq] = [{Lq}] or [B, Lq] = [{B}, {Lq}], got {tuple(rotate_rows.shape)}")
-            _require(rotate_rows.device == q.device, f"rotate_rows must be on {q.device}, got {rotate_rows.device}")
+                     lambda: f"rotate_rows must have shape [Lq] = [{Lq}] or [B, Lq] = [{B}, {Lq}], got {tuple(rotate_rows.shape)}")
+            _require(rotate_rows.device == q.device, lambda: f"rotate_rows must be on {q.device}, got {rotate_rows.device}")
         else:
             _require(isinstance(rotate_rows, int) and not isinstance(rotate_rows, bool),
-                     f"rotate_rows must be None, an int or a bool tensor, got {type(rotate_rows).__name__}", TypeError)
-            _require(0 <= rotate_rows <= Lq, f"rotate_rows as an int must be in 0..Lq = 0..{Lq}, got {rotate_rows}")
-    _require(isinstance(causal, bool), f"causal must be a bool, got {type(causal).__name__}", TypeError)
+                     lambda: f"rotate_rows must be None, an int or a bool tensor, got {type(rotate_rows).__name__}", TypeError)
+            _require(0 <= rotate_rows <= Lq, lambda: f"rotate_rows as an int must be in 0..Lq = 0..{Lq}, got {rotate_rows}")
+    _require(isinstance(causal, bool), lambda: f"causal must be a bool, got {type(causal).__name__}", TypeError)
     # A bool, not any truthy value: the kernel op's schema takes only a bool, and None or "no"
     # would otherwise mean different things on the two paths.
-    _require(isinstance(stats, bool), f"stats must be a bool, got {type(stats).__name__}", TypeError)
-    _require(not causal or Lq == Lk, f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
+    _require(isinstance(stats, bool), lambda: f"stats must be a bool, got {type(stats).__name__}", TypeError)
+    _require(not causal or Lq == Lk, lambda: f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
     # These two messages are built only on failure: under torch.compile a value that changes from
     # call to call arrives as a SymFloat, which the tracer cannot format into a string.
     if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) != float("inf")):
@@ -201,14 +204,14 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
     and must not hold NaN or +inf (-inf hides a key), checked once per tensor version."""
     if attn_mask is None:
         return
-    _require(isinstance(attn_mask, torch.Tensor), f"attn_mask must be a torch.Tensor or None, got "
+    _require(isinstance(attn_mask, torch.Tensor), lambda: f"attn_mask must be a torch.Tensor or None, got "
              f"{type(attn_mask).__name__}", TypeError)
     _require(attn_mask.dtype == torch.bool or attn_mask.dtype in allowed_dtypes,
-             f"attn_mask must be bool or one of {allowed_dtypes}, got {attn_mask.dtype}", TypeError)
+             lambda: f"attn_mask must be bool or one of {allowed_dtypes}, got {attn_mask.dtype}", TypeError)
     # `n == 1 or n == want`, not `n in (1, want)`: torch.compile(dynamic=True) cannot trace `in` on sizes.
     _require(attn_mask.dim() <= 4 and all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
-             f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
-    _require(attn_mask.device == device, f"attn_mask must be on {device}, got {attn_mask.device}")
+             lambda: f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
+    _require(attn_mask.device == device, lambda: f"attn_mask must be on {device}, got {attn_mask.device}")
     if check_values and attn_mask.is_floating_point() and attn_mask.numel():
         _require(checked_values.get(attn_mask, "bias", lambda t: bool((t < float("inf")).all())),
                  "attn_mask must not hold NaN or +inf (-inf hides a key)")
@@ -227,13 +230,13 @@ def _is_real(x) -> bool:
 
 def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_values: bool) -> None:
     for name, t in (("rotation.left", rotation.left), ("rotation.right", rotation.right)):
-        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
         _require(t.dim() == 3 and t.shape[:2] == (H, D) and t.shape[2] <= D,
-                 f"{name} must have shape [H, D, r] = [{H}, {D}, r] with r <= {D}, got {tuple(t.shape)}")
-        _require(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}", TypeError)
-        _require(t.device == device, f"{name} must be on {device}, got {t.device}")
+                 lambda: f"{name} must have shape [H, D, r] = [{H}, {D}, r] with r <= {D}, got {tuple(t.shape)}")
+        _require(t.dtype.is_floating_point, lambda: f"{name} must be floating point, got {t.dtype}", TypeError)
+        _require(t.device == device, lambda: f"{name} must be on {device}, got {t.device}")
     _require(rotation.left.shape == rotation.right.shape,
-             f"rotation.left and rotation.right must have one shape [H, D, r], got {tuple(rotation.left.shape)} "
+             lambda: f"rotation.left and rotation.right must have one shape [H, D, r], got {tuple(rotation.left.shape)} "
              f"and {tuple(rotation.right.shape)}")
     if check_values:
         _require(checked_values.finite(rotation.left) and checked_values.finite(rotation.right),

@@ -416,18 +416,24 @@ def test_opcheck_with_bias_gradient():
 
 
 def test_torch_compile_dynamic_shapes():
-    """torch.compile(dynamic=True): the broadcast check traces with symbolic sizes, and three
-    lengths run through one graph with the eager results."""
+    """torch.compile(dynamic=True): the argument checks trace with symbolic sizes (their messages
+    are formatted only on failure: formatting a size fixes it to its value), so three lengths and
+    two batch sizes run through one graph, with the eager results."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
 
     def f(q, k, v, ids, mask):
         return rollingq.rollingq_attention(q, k, v, ids, M, attn_mask=mask, stats=False)[0]
 
-    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
-    for length in (9, 12, 17):
-        q, k, v, ids, _, _ = problem(torch.float32, 1, 2, 1, length, 16, length)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    for batch, length in ((3, 9), (4, 12), (3, 17)):
+        q, k, v, ids, _, _ = problem(torch.float32, batch, 2, 1, length, 16, length)
         mask = make_mask("bool", (length, length), torch.float32, length, hidden_row=1)
         assert torch.equal(compiled(q, k, v, ids, mask), f(q, k, v, ids, mask))
+    graphs = [g for g in counter.graphs if any(n.op == "placeholder" for n in g.graph.nodes)]  # not empty ones
+    assert len(graphs) == 1, f"{len(graphs)} graphs for one function"
 
 
 def test_module_follows_multihead_attention():

@@ -262,15 +262,22 @@ def test_bf16_refused_by_the_interpreter_path():
         rollingq.rollingq_attention(q, q, q, torch.zeros(4, dtype=torch.long), 1)
 
 
-@pytest.mark.parametrize("dtype, rotate, stats, strided", [
-    (torch.float16, True, True, True), (torch.float32, True, True, True), (torch.float16, False, False, False)])
-def test_opcheck(dtype, rotate, stats, strided):
+@pytest.mark.parametrize("dtype, rotate, stats, strided, every_row_split", [
+    (torch.float16, True, True, True, False), (torch.float32, True, True, True, False),
+    (torch.float16, False, False, False, False), (torch.float32, True, True, False, True)])
+def test_opcheck(dtype, rotate, stats, strided, every_row_split, monkeypatch):
     """torch.library.opcheck: schema, fake implementation (shapes *and* strides) and autograd
-    registration of both ops agree with the real kernels."""
+    registration of both ops agree with the real kernels. every_row_split: a dense rotation of
+    every row on the D-split path, where dq is rotated outside the kernels (kernels/rotate.py;
+    its layout once differed from the fake's and failed Inductor's stride check)."""
     from rollingq import ops
+    from tests.kernel_paths import force_d_split
+
+    if every_row_split:
+        force_d_split(monkeypatch)
 
     gen = torch.Generator().manual_seed(7)
-    B, H, Hkv, L, D, M = 2, 4, 2, 12, 16, 3
+    B, H, Hkv, L, D, M = 2, 4, 2, 12, 40 if every_row_split else 16, 3
 
     def t(*shape):
         if strided:
@@ -282,6 +289,8 @@ def test_opcheck(dtype, rotate, stats, strided):
     ids = torch.randint(-1, M, (L,), generator=gen).to(DEVICE, torch.int32).expand(B, L)
     rot = torch.linalg.qr(torch.randn(H, D, D, generator=gen))[0].to(DEVICE) if rotate else None
     mask = (torch.arange(L, device=DEVICE) < 3).expand(B, L).view(torch.uint8) if rotate else None
+    if every_row_split:
+        mask = None
     args = (q, k, v, ids, M, rot, mask, True, D ** -0.5, stats, rotate)
     torch.library.opcheck(ops.attention_fwd_op, args)
     out, lse, q_rot, _, _ = ops.attention_fwd_op(*args)
