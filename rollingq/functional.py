@@ -8,7 +8,7 @@ from .ops import attention_fwd_op
 from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
 from .rotation import LowRankRotation
-from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs
+from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs, plain_int
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
@@ -140,6 +140,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
+    num_modalities, rotate_rows = plain_int(num_modalities), plain_int(rotate_rows)
     # is_autocast_enabled raises for "meta" (torch.amp.is_autocast_available would say so, but
     # Dynamo in torch 2.11 cannot trace it)
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type != "meta" \

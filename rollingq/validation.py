@@ -98,6 +98,14 @@ def _aminmax_able(t: torch.Tensor) -> torch.Tensor:
 checked_values = CheckedValues()
 
 
+def plain_int(x):
+    """An integer of another type (numpy's np.int64, a 0-d index from a config) as a Python int, as
+    SDPA and range() take them; bools, tensors and everything else unchanged (the checks judge them)."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, (bool, torch.Tensor)) and type(x) is not int:
+        return int(x)
+    return x
+
+
 def _require(cond: bool, message: Union[str, Callable[[], str]], exc=ValueError) -> None:
     """Raise exc(message) unless cond. Messages that format sizes come as a lambda, built only on
     failure: under torch.compile formatting a symbolic size fixes it to its current value (a new

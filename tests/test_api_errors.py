@@ -103,6 +103,23 @@ def test_valid_input_passes():
     assert st.key_sum.shape == (2, 2, 2, 8) and st.key_count.tolist() == [[2, 3], [2, 3]]
 
 
+def test_numpy_integers_count_as_ints():
+    """num_modalities and rotate_rows as numpy integers (read from a config or an array) mean what
+    the Python ints mean, for the public function and the reference; numpy bools are still refused."""
+    import numpy as np
+
+    from rollingq.reference import rollingq_attention_reference
+
+    args = base(rotation=torch.linalg.qr(torch.randn(4, 8, 8))[0], rotate_rows=2)
+    for fn in (rollingq.rollingq_attention, rollingq_attention_reference):
+        want = fn(**args)
+        got = fn(**dict(args, rotate_rows=np.int64(2), num_modalities=np.int32(2)))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1].attn_mass, want[1].attn_mass)
+        assert not torch.equal(fn(**dict(args, rotate_rows=np.int64(0)))[0], want[0])  # the rows count
+        with pytest.raises(TypeError, match="rotate_rows"):
+            fn(**dict(args, rotate_rows=np.bool_(True)))
+
+
 def test_cpu_backend_setting_is_validated():
     with pytest.raises(ValueError, match="backend must be one of"):
         rollingq.functional.set_cpu_backend("gpu")
