@@ -742,7 +742,9 @@ def attention_bwd(
     seed: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     mask_grad: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    need_dq: bool = True,
+    need_dkdv: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of the fused forward in q, k, v (and a float attn_mask when `mask_grad`).
 
     Args:
@@ -767,11 +769,13 @@ def attention_bwd(
             added up by float32 atomics in the mask's own shape for a contiguous mask shared by
             batch and/or heads, else (and in deterministic mode) formed in a dense [B, H, Lq, Lk]
             buffer and summed afterwards, where Lq * Lk must stay below 2^31 (attn_mask.grad_plan).
+        need_dq, need_dkdv: False skips the dQ kernel (unless `mask_grad`: it forms that gradient)
+            or the dK/dV kernel, for inputs that do not require grad (frozen keys and values, say).
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
-        in k's dtype. All freshly allocated and contiguous. Then d_mask, in attn_mask's shape and
-        dtype, or None without `mask_grad`.
+        in k's dtype. All freshly allocated and contiguous; None where not needed. Then d_mask, in
+        attn_mask's shape and dtype, or None without `mask_grad`.
     """
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:
         ids = ids.expand(q_rot.shape[0], ids.shape[0])
@@ -804,47 +808,51 @@ def attention_bwd(
     if (tma_dkdv or tma_dq) and dev.type == "cuda":
         ensure_scratch_allocator()
 
-    dk = common.new_buffer((B, Hkv, Lk, D), dev, k.dtype)
-    dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
-    split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
-    n_dv = triton.cdiv(D, block_dv)
-    _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
-        q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
-        *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        ids.stride(0), ids.stride(1), *amask_strides,
-        H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-        common.deterministic(),
-        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
-        OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
-    )
+    dk = dv = dq = None
+    if need_dkdv:
+        dk = common.new_buffer((B, Hkv, Lk, D), dev, k.dtype)
+        dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
+        split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
+        n_dv = triton.cdiv(D, block_dv)
+        _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
+            q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
+            *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            ids.stride(0), ids.stride(1), *amask_strides,
+            H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
+            common.deterministic(),
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+            CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
+            OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
+        )
 
-    dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
-    trim = common.trims_padding(ids)
-    split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
-    n_dv = triton.cdiv(D, block_dv)
-    in_kernel_rot = rotate and n_dv == 1
-    rot = dense_rotation(rotation.detach()) if in_kernel_rot else delta  # delta: never read
-    every_row = in_kernel_rot and rot_mask is None
-    rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
-    n_wide = wide_plan(D, WIDE_CHUNK)[2]
-    _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
-                                     H, B)](
-        q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
-        common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
-        *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
-        H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-        common.deterministic(),
-        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-        CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
-        SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-        EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK, OFFS64=int64_offsets(q_rot, k, v, do, dq, *mask_slices(amask, mask_kind)),
-    )
-    if rotate and not in_kernel_rot:
-        # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
-        # in place for the factored form (no second dq buffer; unrotated rows are not touched).
-        dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
+    if need_dq or mask_grad:  # dQ also forms the bias gradient
+        dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
+        trim = common.trims_padding(ids)
+        split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
+        n_dv = triton.cdiv(D, block_dv)
+        in_kernel_rot = rotate and n_dv == 1
+        rot = dense_rotation(rotation.detach()) if in_kernel_rot else delta  # delta: never read
+        every_row = in_kernel_rot and rot_mask is None
+        rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
+        n_wide = wide_plan(D, WIDE_CHUNK)[2]
+        _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
+                                         H, B)](
+            q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
+            common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
+            *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
+            H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
+            common.deterministic(),
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+            CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
+            SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+            EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
+            OFFS64=int64_offsets(q_rot, k, v, do, dq, *mask_slices(amask, mask_kind)),
+        )
+        if rotate and not in_kernel_rot and need_dq:
+            # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
+            # in place for the factored form (no second dq buffer; unrotated rows are not touched).
+            dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
     if dmask is not None:  # dense: the broadcast dims' sum (a no-op for a full [B, H, Lq, Lk] mask)
         dmask = (dmask.sum_to_size(attn_mask.shape) if grad_mode == 1 else dmask).to(attn_mask.dtype)
-    return dq, dk, dv, dmask
+    return dq if need_dq else None, dk, dv, dmask

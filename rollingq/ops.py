@@ -68,23 +68,28 @@ def attention_bwd_op(
     lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, mask_grad: bool = False,
+    need_dq: bool = True, need_dkdv: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_mask); d_mask (the gradient of a float attn_mask, in its shape and
-    dtype) is empty unless `mask_grad`."""
+    dtype) is empty unless `mask_grad`, dq unless `need_dq`, dk and dv unless `need_dkdv` (the
+    kernel that forms them is skipped)."""
     from .kernels.attention_bwd import attention_bwd
 
     mask = None if rot_mask is None else rot_mask.view(torch.bool)
     with _device_of(q_rot):
-        dq, dk, dv, d_mask = attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p,
-                                           seed, attn_mask, mask_grad)
-    return dq, dk, dv, q_rot.new_empty(_EMPTY) if d_mask is None else d_mask
+        grads = attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed,
+                              attn_mask, mask_grad, need_dq, need_dkdv)
+    return tuple(q_rot.new_empty(_EMPTY) if g is None else g for g in grads)
 
 
 @attention_bwd_op.register_fake
 def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None, attn_mask=None,
-      mask_grad=False):
-    d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q_rot.new_empty(_EMPTY)
-    return q_rot.new_empty(q_rot.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask
+      mask_grad=False, need_dq=True, need_dkdv=True):
+    def maybe(t, shape, needed):
+        return t.new_empty(shape) if needed else q_rot.new_empty(_EMPTY)
+
+    return (maybe(q_rot, q_rot.shape, need_dq), maybe(k, k.shape, need_dkdv), maybe(v, v.shape, need_dkdv),
+            maybe(attn_mask, None if attn_mask is None else attn_mask.shape, mask_grad))
 
 
 def _no_double_backward(ctx, *grads):
@@ -112,11 +117,15 @@ def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
     q_used, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask = ctx.saved_tensors
     # a float attn_mask that requires grad (a learned bias); a call may leave the mask out entirely
     mask_grad = len(ctx.needs_input_grad) > 13 and ctx.needs_input_grad[13]
+    # Only the kernels whose gradients are wanted run (SDPA's grad_input_mask): frozen keys and
+    # values skip dK/dV, a frozen query skips dQ unless a learned bias needs it.
+    need_dq, need_dkdv = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     dq, dk, dv, d_mask = attention_bwd_op(
         d_out, q_used, k, v, out, lse, ids, ctx.causal, ctx.scale,
         rotation if ctx.rotated else None, rot_mask if ctx.rotated else None, ctx.dropout_p, seed, attn_mask,
-        mask_grad)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, d_mask if mask_grad else None
+        mask_grad, need_dq, need_dkdv)
+    return (dq if need_dq else None, dk if ctx.needs_input_grad[1] else None, dv if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None, None, None, None, None, d_mask if mask_grad else None)
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -124,7 +133,7 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # torch.utils.flop_counter.FlopCounterMode (MFU estimates) counts these ops as it counts SDPA: the
 # two attention matmuls forward, five backward (the scores recomputed), causal or not; the rotation
-# and the statistics are not counted.
+# and the statistics are not counted. A backward that skips dQ (or dK/dV) counts what it runs.
 @register_flop_formula(torch.ops.rollingq.attention_fwd)
 def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     B, H, Lq, D = q_shape
@@ -134,4 +143,7 @@ def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.rollingq.attention_bwd)
 def _bwd_flops(do_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     B, H, Lq, D = q_shape
-    return 10 * B * H * Lq * k_shape[2] * D
+    # args: v .. mask_grad (12), then need_dq and need_dkdv, as _backward passes them
+    need_dq, need_dkdv = (tuple(args[12:14]) + (True, True))[:2] if len(args) > 12 else (True, True)
+    matmuls = 2 + need_dq + 2 * need_dkdv  # q.k and do.v, then ds.k; p.do and ds.q
+    return 2 * matmuls * B * H * Lq * k_shape[2] * D

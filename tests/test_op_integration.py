@@ -106,6 +106,51 @@ def test_double_backward_names_the_limit():
         dq.square().sum().backward()
 
 
+class _CountingKernel:
+    """An autotuned kernel that records each launch by name, then runs it."""
+
+    def __init__(self, kernel, name, calls):
+        self.kernel, self.name, self.calls = kernel, name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("wants", ["q", "k", "v", "kv", "bias"])
+def test_backward_runs_only_the_kernels_it_needs(wants, monkeypatch):
+    """Inputs that do not require grad skip their kernel (SDPA's grad_input_mask): frozen keys and
+    values skip dK/dV, a frozen query dQ unless a learned bias needs that kernel. The gradients
+    computed equal, bit for bit, those of a backward that forms all of them."""
+    from rollingq.kernels import attention_bwd as bwd
+
+    gen, q, k, v, ids, rot = random_problem(torch.float32, 2, 4, 2, 13, 13, 16, 31)
+    bias = torch.randn(1, 4, 13, 13, generator=gen).to(DEVICE).requires_grad_()
+    mask = bias if wants == "bias" else None
+    grad = torch.randn(2, 4, 13, 16, generator=gen).to(DEVICE)
+
+    def run(leaves):
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=rot, rotate_rows=3, attn_mask=mask)
+        return torch.autograd.grad(out, leaves, grad)
+
+    inputs = {"q": q, "k": k, "v": v, "bias": bias}
+    full = dict(zip(inputs, run(list(inputs.values()) if mask is not None else [q, k, v])))
+    calls = []
+    for name in ("_bwd_dkdv", "_bwd_dq"):
+        monkeypatch.setattr(bwd, name, _CountingKernel(getattr(bwd, name), name, calls))
+    wanted = ["k", "v"] if wants == "kv" else [wants]
+    for t in inputs.values():
+        t.requires_grad_(False)
+    for name in wanted:
+        inputs[name].requires_grad_(True)
+    got = run([inputs[n] for n in wanted])
+    for name, g in zip(wanted, got):
+        assert torch.equal(g, full[name]), name
+    assert calls == (["_bwd_dq"] if wants in ("q", "bias") else ["_bwd_dkdv"])
+
+
 def test_flop_counter_counts_like_sdpa():
     """FlopCounterMode sees the ops: 4*B*H*Lq*Lk*D forward, 2.5 times that backward, as it counts
     SDPA (causal not halved; rotation and statistics not counted)."""
@@ -129,6 +174,13 @@ def test_flop_counter_counts_like_sdpa():
     kv = (B, H, Lk, D)
     assert fwd == sdpa_flop_count(q.shape, kv, kv)
     assert 5 * fwd // 2 == sdpa_backward_flop_count(q.shape, q.shape, kv, kv)
+    # A backward that skips a kernel counts the matmuls it runs: frozen k and v, no dK/dV (3 of 5).
+    k.requires_grad_(False), v.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 2)
+        out.sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"rollingq.attention_fwd": fwd, "rollingq.attention_bwd": 3 * fwd // 2}
 
 
 def test_torch_compile_fullgraph_module():
@@ -296,8 +348,11 @@ def test_opcheck(dtype, rotate, stats, strided, every_row_split, monkeypatch):
     out, lse, q_rot, _, _ = ops.attention_fwd_op(*args)
     do = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     q_used = q_rot if rotate else q
-    torch.library.opcheck(ops.attention_bwd_op, (do, q_used.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                                 ids, True, D ** -0.5, rot, mask))
+    bwd_args = (do, q_used.detach(), k.detach(), v.detach(), out.detach(), lse, ids, True, D ** -0.5, rot, mask)
+    torch.library.opcheck(ops.attention_bwd_op, bwd_args)
+    if strided and dtype == torch.float16:  # the backward that skips dQ, and the one that skips dK/dV
+        torch.library.opcheck(ops.attention_bwd_op, bwd_args + (0.0, None, None, False, False, True))
+        torch.library.opcheck(ops.attention_bwd_op, bwd_args + (0.0, None, None, False, True, False))
 
 
 @pytest.mark.cuda
