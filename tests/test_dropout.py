@@ -64,6 +64,16 @@ def test_d_split_path(dtype, monkeypatch):
     check(dtype, D=72, causal=True, rows=9, seed=11)
 
 
+@pytest.mark.parametrize("path", ["single", "d_split"])
+def test_bf16_mass_branch(path, monkeypatch):
+    """bf16's statistics branch (the mass dot in fp16; forced here with fp16 inputs, which the
+    interpreter takes): the statistics still come from the probabilities before dropout."""
+    monkeypatch.setattr(attention_fwd, "FORCE_MASS_F16", True)
+    if path == "d_split":
+        force_d_split(monkeypatch)
+    check(torch.float16, D=72 if path == "d_split" else 16, causal=path == "d_split", rows=5, seed=14)
+
+
 def test_wide_split_path(monkeypatch):
     """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
     force_wide_split(monkeypatch)

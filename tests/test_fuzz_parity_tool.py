@@ -1,6 +1,8 @@
-"""The parity fuzzer (tests/fuzz_parity.py) keeps working: two of its cases, each through the
-kernels (the interpreter on CPU) and the float64 reference, with no failure of a kind that marks a
-bug (an exception, a harness error, a non-finite value, a wrong shape or dtype)."""
+"""The parity fuzzer (tests/fuzz_parity.py) keeps working: two of its cases (case 0 takes the D
+split), each through the kernels (the interpreter on CPU) and the float64 reference, pass every
+check it makes: design.md's rule on out and the gradients, the statistics tolerance, shapes and
+dtypes, no exception or non-finite value. (Its random runs also report rounding misses of the rule;
+these two draws have none, so any failure here is a change in the kernels or the harness.)"""
 import pytest
 
 from rollingq.kernels.common import interpreting
@@ -15,5 +17,4 @@ def test_fuzz_cases_run(index):
     params = fuzz_parity.draw_params(index)
     fails, info = fuzz_parity.run_case(params)
     assert "out" in info, params
-    bugs = [f for f in fails if f["kind"] in ("nonfinite", "meta") or f["check"] in ("exception", "harness")]
-    assert not bugs, bugs
+    assert not fails, fails

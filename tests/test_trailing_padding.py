@@ -29,9 +29,9 @@ def test_live_key_ends():
     assert cast.dtype == torch.int32 and cast.stride(0) == 0 and not common.trims_padding(cast)
 
 
-def _problem(dtype, causal, seed, lengths=(45, 13, 1, 0)):
+def _problem(dtype, causal, seed, lengths=(45, 17, 13, 1, 0)):
     """Batch rows of the given lengths out of L = lengths[0] keys and queries: by default 45 (no
-    padding), 13, 1 and 0 (a row of padding only)."""
+    padding), 17 (its last live key starts a 16-key block), 13, 1 and 0 (a row of padding only)."""
     gen = torch.Generator().manual_seed(seed)
     B, H, Hkv, L, D = len(lengths), 2, 1, lengths[0], 16
     q, k, v = (torch.randn(B, h, L, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
@@ -45,7 +45,7 @@ def _problem(dtype, causal, seed, lengths=(45, 13, 1, 0)):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_right_padded_batch(dtype, causal, monkeypatch):
-    check_right_padded(dtype, causal, (45, 13, 1, 0), monkeypatch)
+    check_right_padded(dtype, causal, (45, 17, 13, 1, 0), monkeypatch)
 
 
 @pytest.mark.cuda
@@ -87,4 +87,4 @@ def check_right_padded(dtype, causal, lengths, monkeypatch):
     for name, got, a, b in zip(("out", "dq", "dk", "dv"), skipped[:1] + skipped[2:], r64, rlp):
         assert_close_by_rule(name, got, a, b)
     assert (skipped[1].double() - s64.attn_mass).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-3)
-    assert not skipped[0][3].any() and not skipped[1][3].any()  # the row of padding only: zeros
+    assert not skipped[0][-1].any() and not skipped[1][-1].any()  # the row of padding only: zeros
