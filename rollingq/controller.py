@@ -45,8 +45,9 @@ class RollingQ:
         beta: trigger threshold; a head rotates when max(c) - min(c) > beta (|AIR| for M = 2).
         sigma: sharpness of the balanced target's weights softmax(-2 sigma c); 0 = equal weights.
         max_rotations: how many times each layer may rotate in total.
-        window: online estimation collects over the last `window` steps of each epoch (or before
-            each `every_n_steps` decision); None collects on every step.
+        window: online estimation collects over the last `window` steps of each epoch (for
+            `epoch_end`) and, with `every_n_steps`, over the `window` steps before each step
+            decision; None collects on every step (for a step decision: every step since the last).
         rotation: "plane" (minimal rotation, default) or "svd" (the official construction).
         every_n_steps: if set, `step()` also decides every N steps.
         logger: callable receiving each decision record (a JSON-serialisable dict); default:
@@ -55,8 +56,13 @@ class RollingQ:
     Use: call `begin_epoch(steps_per_epoch)` at the start of each epoch, `step()` after each
     optimiser step, and `epoch_end()` at the end of the epoch. For the official estimate (a pass
     over the training set in eval mode), call `full_pass(model, loader)` before `epoch_end()`.
-    Under torch.distributed the sums are all-reduced in `epoch_end()`, so every rank must call it
-    and every rank applies the identical rotation.
+    Under torch.distributed the sums are all-reduced in `epoch_end()` (and in each `every_n_steps`
+    decision), so every rank must call it and every rank applies the identical rotation.
+
+    Two accumulators keep the two decisions apart: the epoch one (the epoch's last `window` steps,
+    or `full_pass`), read and reset by `epoch_end()`, and the step one (the `window` steps before
+    each `every_n_steps` decision), read and reset by that decision. A batch in both windows counts
+    in both, so a step decision never takes the samples of the epoch-end decision.
     """
 
     def __init__(self, layers, beta: float = 0.0, sigma: float = 0.0, max_rotations: int = 1,
@@ -111,7 +117,9 @@ class RollingQ:
         self.decisions = 0  # number of decide() calls made (epoch_end's and every_n_steps')
         self._in_full_pass = False
         self._index = {id(layer): i for i, layer in enumerate(layers)}
+        # Epoch accumulator (epoch_end / decide) and step accumulator (every_n_steps decisions).
         self._sums: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(layers)
+        self._step_sums: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(layers)
         for layer in layers:
             layer.controller = self  # the module keeps it as a plain attribute, not a submodule
 
@@ -129,24 +137,32 @@ class RollingQ:
         """True inside `full_pass` (layers then report even in eval mode)."""
         return self._in_full_pass
 
-    @property
-    def collecting(self) -> bool:
-        """Whether the layers should compute and report statistics on the current step: always
-        inside `full_pass` or with window=None; otherwise during the last `window` steps of the
-        epoch (every step when the epoch length is unknown) and, with `every_n_steps`, during the
-        last `window` steps before each decision. Layers in eval mode report only inside
-        `full_pass`, so validation batches never leak into the sums."""
-        if self._in_full_pass or self.window is None:
-            return True
-        if self.every_n_steps is not None:
-            if self.global_step % self.every_n_steps >= self.every_n_steps - self.window:
-                return True
-            if self.steps_per_epoch is None:
-                return False
-        if self.steps_per_epoch is None:
+    def _epoch_window(self) -> bool:
+        """The current step feeds the epoch accumulator: inside `full_pass`, with window=None or an
+        unknown epoch length, or during the epoch's last `window` training steps."""
+        if self._in_full_pass or self.window is None or self.steps_per_epoch is None:
             return True
         # epoch_step == steps_per_epoch: the epoch's training steps are done (e.g. validation).
         return self.steps_per_epoch - self.window <= self.epoch_step < self.steps_per_epoch
+
+    def _step_window(self) -> bool:
+        """The current step feeds the step accumulator: with `every_n_steps`, during the `window`
+        steps before the next decision (every step with window=None); never inside `full_pass`."""
+        if self.every_n_steps is None or self._in_full_pass:
+            return False
+        if self.window is None:
+            return True
+        # global_step counts the steps done, so the running step is global_step + 1.
+        return self.global_step % self.every_n_steps >= self.every_n_steps - self.window
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the layers should compute and report statistics on the current step: when the
+        epoch window (always inside `full_pass` or with window=None; otherwise the last `window`
+        steps of the epoch, every step when the epoch length is unknown) or, with `every_n_steps`,
+        the step window (the last `window` steps before each decision) is active. Layers in eval
+        mode report only inside `full_pass`, so validation batches never leak into the sums."""
+        return self._epoch_window() or self._step_window()
 
     def step(self) -> Optional[Dict[str, Any]]:
         """Call once per training step, after the optimiser step. Returns the decision record on
@@ -154,13 +170,14 @@ class RollingQ:
         self.global_step += 1
         self.epoch_step += 1
         if self.every_n_steps is not None and self.global_step % self.every_n_steps == 0:
-            return self.decide()
+            return self._decide(step=True)
         return None
 
     # ----------------------------------------------------------------------------- collection
     def reset(self) -> None:
-        """Drop the accumulated statistics."""
+        """Drop the accumulated statistics (both accumulators)."""
         self._sums = [None] * len(self.layers)
+        self._step_sums = [None] * len(self.layers)
 
     def _zero_sums(self, layer, device) -> Dict[str, torch.Tensor]:
         dims = (layer.num_heads, layer.kv_heads, layer.num_modalities, layer.head_dim)
@@ -168,7 +185,9 @@ class RollingQ:
                 for name, shape in _SUM_SHAPES.items()}
 
     def observe(self, layer, q_fusion: torch.Tensor, stats: AttentionStats) -> None:
-        """Accumulate one batch of statistics from `layer` (called by RollingQAttention).
+        """Accumulate one batch of statistics from `layer` (called by RollingQAttention) into each
+        accumulator whose window is active; a batch observed outside both windows (a direct call)
+        goes to the epoch accumulator, as it did when there was only one.
 
         Args:
             layer: an attached RollingQAttention.
@@ -194,30 +213,39 @@ class RollingQ:
             raise ValueError(f"stats.attn_mass must have shape [{B}, {H}, L >= {nf}, {M + 1}], "
                              f"got {tuple(stats.attn_mass.shape)}")
         with torch.no_grad():
-            if self._sums[i] is None:
-                self._sums[i] = self._zero_sums(layer, q_fusion.device)
-            s = self._sums[i]
+            # The batch's contributions, computed once whatever the number of accumulators.
             key_sum, key_count = stats.key_sum[:, :, :M], stats.key_count[:, :M]
             kbar, present = sample_mean_keys(key_sum, key_count)
-            s["key_mean_sum"] += (kbar * present[:, None, :, None]).sum(0).to(s["key_mean_sum"].device)
-            s["key_n"] += present.sum(0).to(s["key_n"])
-            s["query_sum"] += q_fusion.detach().double().sum(0).to(s["query_sum"].device)
             cos_sum, cos_n = imbalance_sums(q_fusion, key_sum, key_count)
-            s["cos_sum"] += cos_sum.to(s["cos_sum"].device)
-            s["cos_n"] += cos_n.to(s["cos_n"].device)
             mass = stats.attn_mass[:, :, :nf].detach().double().mean(2)  # [B, H, M + 1]
-            s["mass_sum"] += mass.sum(0).to(s["mass_sum"].device)
-            s["samples"] += B
+            add = {
+                "key_mean_sum": (kbar * present[:, None, :, None]).sum(0),
+                "key_n": present.sum(0).double(),
+                "query_sum": q_fusion.detach().double().sum(0),
+                "cos_sum": cos_sum,
+                "cos_n": cos_n,
+                "mass_sum": mass.sum(0),
+            }
+            epoch_w, step_w = self._epoch_window(), self._step_window()
+            targets = ([self._sums] if epoch_w or not step_w else []) + ([self._step_sums] if step_w else [])
+            for acc in targets:
+                if acc[i] is None:
+                    acc[i] = self._zero_sums(layer, q_fusion.device)
+                s = acc[i]
+                for name, t in add.items():
+                    s[name] += t.to(s[name].device)
+                s["samples"] += B
 
     def full_pass(self, model: torch.nn.Module, loader: Iterable,
                   forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None) -> None:
-        """The official estimate: reset the sums, then run `forward_fn(model, batch)` (default
-        `model(batch)`) over the whole loader in eval mode without gradients, collecting from every
-        batch. The model's train/eval mode is restored afterwards. Call `epoch_end()` next."""
+        """The official estimate: reset the epoch accumulator, then run `forward_fn(model, batch)`
+        (default `model(batch)`) over the whole loader in eval mode without gradients, collecting
+        every batch into it (the step accumulator is left alone). The model's train/eval mode is
+        restored afterwards. Call `epoch_end()` next."""
         if forward_fn is None:
             forward_fn = lambda m, batch: m(batch)  # noqa: E731
         was_training = model.training
-        self.reset()
+        self._sums = [None] * len(self.layers)
         model.eval()
         self._in_full_pass = True
         try:
@@ -229,11 +257,11 @@ class RollingQ:
             model.train(was_training)
 
     # ----------------------------------------------------------------------------- decision
-    def _reduced_sums(self) -> List[Dict[str, torch.Tensor]]:
-        """Every layer's sums (zeros where nothing was observed), summed over ranks when a process
-        group is up: one flat all-reduce for all layers."""
+    def _reduced_sums(self, acc: List[Optional[Dict[str, torch.Tensor]]]) -> List[Dict[str, torch.Tensor]]:
+        """Every layer's sums in accumulator `acc` (zeros where nothing was observed), summed over
+        ranks when a process group is up: one flat all-reduce for all layers."""
         sums = []
-        for layer, s in zip(self.layers, self._sums):
+        for layer, s in zip(self.layers, acc):
             sums.append(s if s is not None else self._zero_sums(layer, layer.rotation.device))
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
@@ -253,25 +281,35 @@ class RollingQ:
         return sums
 
     def epoch_end(self) -> Dict[str, Any]:
-        """Decide and rotate at the end of an epoch; see `decide`."""
+        """Decide and rotate at the end of an epoch from the epoch accumulator; see `decide`."""
         record = self.decide()
         self.epoch += 1
         return record
 
     def decide(self) -> Dict[str, Any]:
-        """All-reduce the sums (under torch.distributed), compute per layer and head c [H, M], AIR,
-        the target weights, the key gap and the fusion rows' attention mass; rotate the heads where
-        max(c) - min(c) > beta if the layer has rotated fewer than `max_rotations` times
-        (R <- R_new @ R, R_new mapping the mean effective query onto the balanced target); reset
-        the sums; log and return the JSON-serialisable record."""
-        sums = self._reduced_sums()
+        """Decide now from the epoch accumulator (the sums `epoch_end` reads: the epoch's window or
+        the full pass), without counting an epoch; `every_n_steps` decisions read the step
+        accumulator instead. All-reduce the sums (under torch.distributed), compute per layer and
+        head c [H, M], AIR, the target weights, the key gap and the fusion rows' attention mass;
+        rotate the heads where max(c) - min(c) > beta if the layer has rotated fewer than
+        `max_rotations` times (R <- R_new @ R, R_new mapping the mean effective query onto the
+        balanced target); reset that accumulator only; log and return the JSON-serialisable record."""
+        return self._decide(step=False)
+
+    def _decide(self, step: bool) -> Dict[str, Any]:
+        acc = self._step_sums if step else self._sums
+        sums = self._reduced_sums(acc)
         # "epoch": the epoch the decision falls in (epoch_end calls before it), "decision": its index.
         record: Dict[str, Any] = {"epoch": self.epoch, "decision": self.decisions, "step": self.global_step,
                                   "layers": []}
         for i, (layer, s) in enumerate(zip(self.layers, sums)):
             record["layers"].append(self._decide_layer(i, layer, s))
         self.decisions += 1
-        self.reset()
+        # Only the accumulator just read: the other window's samples stay for its own decision.
+        if step:
+            self._step_sums = [None] * len(self.layers)
+        else:
+            self._sums = [None] * len(self.layers)
         if self.logger is not None:
             self.logger(record)
         else:
@@ -322,7 +360,8 @@ class RollingQ:
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
-        """Rotation counts, step counters and the accumulated sums (cloned tensors)."""
+        """Rotation counts, step counters and both accumulators (cloned tensors): "sums" is the
+        epoch accumulator, "step_sums" the `every_n_steps` one."""
         return {
             "rotations": list(self.rotations),
             "global_step": self.global_step,
@@ -331,25 +370,36 @@ class RollingQ:
             "epoch": self.epoch,
             "decisions": self.decisions,
             "sums": [None if s is None else {k: v.clone() for k, v in s.items()} for s in self._sums],
+            "step_sums": [None if s is None else {k: v.clone() for k, v in s.items()} for s in self._step_sums],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what `state_dict()` returned (the controller must wrap the same layers)."""
+        """Restore what `state_dict()` returned (the controller must wrap the same layers). A state
+        saved before the step accumulator existed (only "sums") restores that as the epoch
+        accumulator, with an empty step accumulator."""
         missing = {"rotations", "global_step", "epoch_step", "steps_per_epoch", "epoch", "sums"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}")
         n = len(self.layers)
-        if len(state["rotations"]) != n or len(state["sums"]) != n:
+        step_state = state.get("step_sums")
+        if step_state is None:
+            step_state = [None] * n
+        if len(state["rotations"]) != n or len(state["sums"]) != n or len(step_state) != n:
             raise ValueError(f"state was saved for {len(state['rotations'])} layers, this controller has {n}")
-        sums: List[Optional[Dict[str, torch.Tensor]]] = []
-        for layer, s in zip(self.layers, state["sums"]):
-            if s is None:
-                sums.append(None)
-                continue
-            ref = self._zero_sums(layer, layer.rotation.device)
-            if set(s) != set(ref) or any(tuple(s[k].shape) != tuple(ref[k].shape) for k in ref):
-                raise ValueError("state['sums'] does not match the layers' shapes")
-            sums.append({k: s[k].detach().to(device=ref[k].device, dtype=torch.float64).clone() for k in ref})
+
+        def restore(saved, key):
+            sums: List[Optional[Dict[str, torch.Tensor]]] = []
+            for layer, s in zip(self.layers, saved):
+                if s is None:
+                    sums.append(None)
+                    continue
+                ref = self._zero_sums(layer, layer.rotation.device)
+                if set(s) != set(ref) or any(tuple(s[k].shape) != tuple(ref[k].shape) for k in ref):
+                    raise ValueError(f"state['{key}'] does not match the layers' shapes")
+                sums.append({k: s[k].detach().to(device=ref[k].device, dtype=torch.float64).clone() for k in ref})
+            return sums
+
+        sums, step_sums = restore(state["sums"], "sums"), restore(step_state, "step_sums")
         self.rotations = [int(r) for r in state["rotations"]]
         self.global_step = int(state["global_step"])
         self.epoch_step = int(state["epoch_step"])
@@ -357,3 +407,4 @@ class RollingQ:
         self.epoch = int(state["epoch"])
         self.decisions = int(state.get("decisions", state["epoch"]))  # older states counted decisions as epochs
         self._sums = sums
+        self._step_sums = step_sums

@@ -284,9 +284,15 @@ def load_npz(path: Union[str, os.PathLike], test_fraction: float = 0.2, seed: in
             raise ValueError(f"{path}: array '{k}' must be floating point, got dtype {a.dtype}")
         if a.shape[1] < 1 or a.shape[2] < 1:
             raise ValueError(f"{path}: array '{k}' has an empty token or feature axis: {a.shape}")
-        if not np.isfinite(a).all():
+        # Check after the cast: a finite float64 beyond float32's range becomes inf in the model.
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below, with the array named
+            x = a.astype(np.float32)
+        if not np.isfinite(x).all():
+            if np.isfinite(a).all():
+                raise ValueError(f"{path}: array '{k}' holds values beyond float32's range "
+                                 f"(|x| <= {float(np.finfo(np.float32).max):.4g} expected; features are loaded as float32)")
             raise ValueError(f"{path}: array '{k}' holds NaN or inf")
-        xs.append(a.astype(np.float32))
+        xs.append(x)
     y = arrays["y"]
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise ValueError(f"{path}: 'y' must be a 1-D integer array [N], got shape {y.shape} dtype {y.dtype}")

@@ -97,16 +97,44 @@ COLUMNS = [
 ]
 
 
+def _field(rec: Dict[str, Any], *path: Any) -> Optional[float]:
+    """rec[path[0]][path[1]]...; None where the record lacks it or holds null."""
+    v: Any = rec
+    for k in path:
+        try:
+            v = v[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if v is None:
+            return None
+    return v
+
+
+def _stats(vals: Sequence[Optional[float]]) -> Optional[Tuple[float, float]]:
+    """Mean and population std (ddof=0) over the values that exist (None = missing, as NaN);
+    None when all are missing. A run can lack a value (e.g. AIR of an epoch with no statistics)."""
+    arr = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+    if arr.size == 0 or np.isnan(arr).all():
+        return None
+    return float(np.nanmean(arr)), float(np.nanstd(arr))
+
+
+def _mean_cell(vals: Sequence[Optional[float]], fmt: str = "{:.3f}") -> str:
+    st = _stats(vals)
+    return "-" if st is None else fmt.format(st[0])
+
+
 def summary_table(results: Dict[str, Dict[int, List[Dict[str, Any]]]]) -> str:
-    """Markdown table, one row per method, mean ± std over seeds of the final epoch."""
+    """Markdown table, one row per method, mean ± population std (ddof=0) over seeds of the final
+    epoch; missing values are left out of both, "-" when no seed has one."""
     lines = ["| method | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for method, by_seed in results.items():
         finals = [_final(h) for _, h in sorted(by_seed.items())]
         cells = []
         for key, _ in COLUMNS:
-            vals = [f[key] for f in finals if f[key] is not None]
-            cells.append("-" if not vals else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}")
+            st = _stats([f[key] for f in finals])
+            cells.append("-" if st is None else f"{st[0]:.3f} ± {st[1]:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,7 +142,8 @@ def summary_table(results: Dict[str, Dict[int, List[Dict[str, Any]]]]) -> str:
 def epoch_table(results: Dict[str, Dict[int, List[Dict[str, Any]]]],
                 methods=("vanilla", "rollingq", "rollingq-step40")) -> str:
     """Per-epoch means over seeds of AIR, visual mass on audio-corrupted samples, key gap and
-    accuracy on the audio-corrupted subset, for the attention methods."""
+    accuracy on the audio-corrupted subset, for the attention methods. A missing value (null AIR of
+    an epoch without statistics) is left out of the mean; "-" when every seed lacks it."""
     lines = ["| epoch | " + " | ".join(f"{m} AIR | {m} mass visual (audio corr.) | {m} key gap | {m} acc (audio corr.)"
                                        for m in methods if m in results) + " |"]
     present = [m for m in methods if m in results]
@@ -124,10 +153,10 @@ def epoch_table(results: Dict[str, Dict[int, List[Dict[str, Any]]]],
         cells = []
         for m in present:
             rs = [h[e] for h in results[m].values()]
-            cells += [f"{np.mean([r['air'] for r in rs]):+.3f}",
-                      f"{np.mean([r['mass']['corrupt_0'][1] for r in rs]):.3f}",
-                      f"{np.mean([r['key_gap'] for r in rs]):.3f}",
-                      f"{np.mean([r['acc']['corrupt_0'] for r in rs]):.3f}"]
+            cells += [_mean_cell([_field(r, "air") for r in rs], "{:+.3f}"),
+                      _mean_cell([_field(r, "mass", "corrupt_0", 1) for r in rs]),
+                      _mean_cell([_field(r, "key_gap") for r in rs]),
+                      _mean_cell([_field(r, "acc", "corrupt_0") for r in rs])]
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -172,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md = [f"# RollingQ experiment ({time.strftime('%Y-%m-%d %H:%M')})", "",
           f"Synthetic task (defaults{', ' + json.dumps(spec) if spec else ''}), {ns.seeds} seed(s), "
           f"{cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']}, batch {cfg['batch_size']}; "
-          f"wall time {wall:.0f} s on {workers} worker(s). Mean ± std over seeds, final epoch. "
+          f"wall time {wall:.0f} s on {workers} worker(s). Mean ± std over seeds (population std, "
+          "ddof=0), final epoch. "
           "Audio (modality 0) is the easy, favoured modality; 'audio corrupted' is the test subset "
           "where it carries only noise. Mass = share of the fusion token's attention.", "", table, ""]
     if epochs:

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from .controller import RollingQ
 from .data import MultimodalData, SyntheticSpec, load_data, make_synthetic
 from .models import MultimodalTransformer
-from .rotation import key_gap, sample_mean_keys
+from .rotation import air_from_cos, key_gap, sample_mean_keys
 from .validation import check_dropout
 
 METHODS = ("vanilla", "rollingq", "concat", "sum")
+ENC_HEADS = 4  # attention heads of each modality encoder (MultimodalTransformer's enc_heads)
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -79,14 +80,27 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0 or self.max_rotations < 0:
             raise ValueError("--enc-layers and --max-rotations must be >= 0")
+        # The model splits --dim over the heads: refuse it here, before the run folder exists.
+        if self.dim % ENC_HEADS:
+            raise ValueError(f"--dim must be a multiple of the encoders' {ENC_HEADS} heads, got {self.dim}")
+        if self.method in ("vanilla", "rollingq") and self.dim % self.fusion_heads:
+            raise ValueError(f"--dim must be a multiple of --fusion-heads ({self.fusion_heads}), got {self.dim}")
+        for name in ("n_train", "n_test", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("beta", "sigma"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         check_dropout(self.attn_dropout, "--attn-dropout")
         if self.attn_dropout and self.method not in ("vanilla", "rollingq"):
             raise ValueError(f"--attn-dropout applies to attention fusion (vanilla, rollingq), not to "
                              f"--method {self.method}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise ValueError(f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         if self.rotate not in ("fusion", "all"):
             raise ValueError(f"--rotate must be 'fusion' or 'all', got {self.rotate!r}")
         if self.rotation not in ("plane", "svd"):
@@ -105,6 +119,9 @@ _RESUME_KEYS = ("method", "data", "epochs", "batch_size", "lr", "optimizer", "we
                 "enc_layers", "fusion_heads", "attn_dropout", "n_train", "n_test")
 # Keys added after checkpoints were first written: a checkpoint without one was made with this value.
 _RESUME_DEFAULTS = {"attn_dropout": 0.0}
+# Saved next to the config: the number of processes sets the shards, the steps per epoch and so the
+# schedule, so a resume must keep it. Checkpoints without it are checked by their step count.
+_WORLD_KEY = "world_size"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +292,7 @@ def evaluate(model: MultimodalTransformer, data: MultimodalData, device: torch.d
             kh = kbar.repeat_interleave(H // kbar.shape[1], dim=1)
             q = out.q_fusion.double()[:, :, None, :]
             cos = (q * kh).sum(-1) / (q.norm(dim=-1) * kh.norm(dim=-1)).clamp_min(1e-30)  # [B, H, M]
-            cos_sum.append((cos * present[:, None, :]).mean(1).cpu())
+            cos_sum.append((cos * present[:, None, :]).cpu())  # [B, H, M]: AIR is taken per head
             cos_n.append(present.double().cpu())
             kmean.append((kbar * present[:, None, :, None]).cpu())
             kn.append(present.double().cpu())
@@ -293,9 +310,9 @@ def evaluate(model: MultimodalTransformer, data: MultimodalData, device: torch.d
         res["mass"], res["c_test"], res["air_test"], res["key_gap_test"] = {}, {}, {}, {}
         for k, i in subsets.items():
             res["mass"][k] = mass_all[i].mean(0).tolist()
-            c = cs[i].sum(0) / cn[i].sum(0)
-            res["c_test"][k] = c.tolist()
-            res["air_test"][k] = float(c[0] - c[1]) if M == 2 else float(c.max() - c.min())
+            res["c_test"][k] = (cs[i].mean(1).sum(0) / cn[i].sum(0)).tolist()  # head-averaged c
+            # As training's `air`: per head (c0 - c1, or max - min for M > 2), then the mean over heads.
+            res["air_test"][k] = float(air_from_cos(cs[i].sum(0) / cn[i].sum(0)).mean())
             kb = km[i].sum(0) / kcount[i].sum(0)[None, :, None]  # [Hkv, M, D]
             res["key_gap_test"][k] = float(key_gap(kb).mean())
     model.train(was_training)
@@ -385,7 +402,8 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
     random.seed(cfg.seed)
     fusion = "attention" if cfg.method in ("vanilla", "rollingq") else cfg.method
     model = MultimodalTransformer(data.features, data.tokens, data.num_classes, fusion=fusion, dim=cfg.dim,
-                                  enc_layers=cfg.enc_layers, fusion_heads=cfg.fusion_heads, rotate=cfg.rotate,
+                                  enc_layers=cfg.enc_layers, enc_heads=ENC_HEADS, fusion_heads=cfg.fusion_heads,
+                                  rotate=cfg.rotate,
                                   attn_dropout=cfg.attn_dropout).to(device)
     controller = None
     if fusion == "attention":
@@ -424,6 +442,13 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
         saved = state["config"]
         saved = {**_RESUME_DEFAULTS, **saved}
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)}
+        if _WORLD_KEY in saved:
+            if saved[_WORLD_KEY] != world:
+                diff[_WORLD_KEY] = (saved[_WORLD_KEY], world)
+        elif int(state["scheduler"]["last_epoch"]) != int(state["epoch"]) * steps:
+            # An older checkpoint: a different world size shows as a different step count.
+            diff["steps_per_epoch (world_size)"] = (int(state["scheduler"]["last_epoch"]) // max(1, int(state["epoch"])),
+                                                    steps)
         if diff:
             raise ValueError(f"--resume: settings differ from the checkpoint's (saved, given): {diff}")
         model.load_state_dict(state["model"])
@@ -489,7 +514,8 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
             state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(),
                      "controller": controller.state_dict() if controller is not None else None,
-                     "rng": _rng_state(device), "config": asdict(cfg), "history": json.dumps(history)}
+                     "rng": _rng_state(device), "config": {**asdict(cfg), _WORLD_KEY: world},
+                     "history": json.dumps(history)}
             atomic_save(state, ckpt_path)
         log(format_epoch(rec, M))
     if world > 1:
@@ -580,12 +606,34 @@ def demo_table(final: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The flags run_demo honours; the demo fixes every other setting itself.
+DEMO_FLAGS = ("demo", "threads", "seed", "no_progress")
+
+
+def _given_flags(argv: Optional[Sequence[str]]) -> List[str]:
+    """The options present on the command line (as written in --help), whatever their values:
+    the same parser with every default suppressed leaves only the given ones in its namespace."""
+    p = build_parser()
+    names = {}
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            action.default = argparse.SUPPRESS
+            names[action.dest] = max(action.option_strings, key=len)
+    return [names[d] for d in vars(p.parse_args(argv)) if d in names and d not in DEMO_FLAGS]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     if ns.demo:
+        extra = _given_flags(argv)
+        if extra:
+            parser.error(f"--demo runs a fixed setting and takes only --threads, --seed and --no-progress; "
+                         f"not {', '.join(extra)}")
+        if ns.threads is not None and ns.threads < 1:
+            parser.error(f"--threads must be >= 1, got {ns.threads}")
         run_demo(threads=ns.threads, seed=ns.seed, progress=not ns.no_progress)
         return 0
-    parser = build_parser()
     try:
         cfg = config_from_args(ns)
     except ValueError as e:

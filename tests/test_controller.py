@@ -288,3 +288,117 @@ def test_full_pass_collects_everything_in_eval_mode():
     lr = ctrl.epoch_end()["layers"][0]
     assert lr["samples"] == 12 and lr["rotated"]
     assert abs(sum(lr["mass"][0]) + lr["mass_fusion"][0] - 1) < 1e-5
+
+
+def _decision_from(layer, batches):
+    """The record of a fresh controller (no rotation) that observed exactly `batches`."""
+    ref = RollingQ(layer, max_rotations=0, logger=lambda r: None)
+    feed(ref, layer, batches)
+    rec = ref.decide()["layers"][0]
+    layer.controller = None
+    return rec
+
+
+def _same_record(a, b):
+    assert a["samples"] == b["samples"]
+    for key in ("c", "air", "key_gap", "mass"):
+        assert torch.allclose(torch.tensor(a[key], dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64),
+                              atol=1e-12), key
+
+
+@pytest.mark.parametrize("every,window", [(10, 2), (9, 2), (9, 3), (4, 6), (3, None)])
+def test_step_decisions_keep_the_epoch_end_samples(every, window):
+    """A step decision reads the `window` steps before it (every step since the last one when
+    window=None); the epoch end still reads the epoch's last `window` steps (every step when
+    None), also when a step decision falls on the epoch's last step or inside its window."""
+    gen = torch.Generator().manual_seed(20)
+    layer = make_layer()
+    steps = 10
+    # Batch sizes 1..steps: the sample counts tell which steps were read.
+    batches = [scripted_batch(layer, g + 1, gen) for g in range(2 * steps)]
+    ctrl = RollingQ(layer, max_rotations=0, window=window, every_n_steps=every, logger=lambda r: None)
+    step_recs, epoch_recs, last_step_decision = [], [], 0
+    for epoch in range(2):
+        ctrl.begin_epoch(steps)
+        for s in range(steps):
+            g = epoch * steps + s
+            if ctrl.collecting:
+                feed(ctrl, layer, [batches[g]])
+            rec = ctrl.step()
+            if rec is not None:
+                # Capped by the previous step decision, which reset the step accumulator.
+                lo = last_step_decision if window is None else max(last_step_decision, g + 1 - window)
+                step_recs.append((rec["layers"][0], batches[lo:g + 1]))
+                last_step_decision = g + 1
+        lo = epoch * steps if window is None else (epoch + 1) * steps - window
+        epoch_recs.append((ctrl.epoch_end()["layers"][0], batches[lo:(epoch + 1) * steps]))
+    assert len(step_recs) == 2 * steps // every and len(epoch_recs) == 2
+    for rec, seen in step_recs + epoch_recs:
+        _same_record(rec, _decision_from(make_layer(), seen))
+
+
+def test_state_dict_keeps_both_accumulators_and_loads_older_states():
+    gen = torch.Generator().manual_seed(21)
+    layer = make_layer()
+    ctrl = RollingQ(layer, max_rotations=0, window=3, every_n_steps=5, logger=lambda r: None)
+    ctrl.begin_epoch(6)
+    for _ in range(4):  # steps 1..4: step window from step 3, epoch window from step 4
+        if ctrl.collecting:
+            feed(ctrl, layer, [scripted_batch(layer, 2, gen)])
+        ctrl.step()
+    state = ctrl.state_dict()
+    assert int(state["sums"][0]["samples"]) == 2 and int(state["step_sums"][0]["samples"]) == 4
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    layer2 = make_layer()
+    ctrl2 = RollingQ(layer2, max_rotations=0, window=3, every_n_steps=5, logger=lambda r: None)
+    ctrl2.load_state_dict(loaded)
+    for key in ("sums", "step_sums"):
+        assert all(torch.equal(ctrl.state_dict()[key][0][k], ctrl2.state_dict()[key][0][k])
+                   for k in state[key][0]), key
+    # The next step decides from the step accumulator on both.
+    q, st = scripted_batch(layer, 2, gen)
+    for c, lay in ((ctrl, layer), (ctrl2, layer2)):
+        c.observe(lay, q, st)
+        assert c.step()["layers"][0]["samples"] == 6
+    # A state written before the step accumulator existed: its sums are the epoch accumulator.
+    old = {k: v for k, v in loaded.items() if k != "step_sums"}
+    ctrl3 = RollingQ(make_layer(), max_rotations=0, window=3, every_n_steps=5, logger=lambda r: None)
+    ctrl3.load_state_dict(old)
+    assert int(ctrl3.state_dict()["sums"][0]["samples"]) == 2 and ctrl3.state_dict()["step_sums"] == [None]
+    bad = dict(loaded, step_sums=[{k: v[..., :1] for k, v in loaded["step_sums"][0].items()}])
+    with pytest.raises(ValueError, match="step_sums"):
+        ctrl3.load_state_dict(bad)
+
+
+def test_full_pass_leaves_the_step_accumulator_alone():
+    torch.manual_seed(22)
+    layer = make_layer(H=2, D=8)
+    model = _Fusion(layer).train()
+    ctrl = RollingQ(layer, window=2, every_n_steps=3, max_rotations=0, logger=lambda r: None)
+    ctrl.begin_epoch(100)
+    ids = torch.tensor([0, 0, 1, 1, 1])
+    loader = [(torch.randn(3, 6, 16), ids) for _ in range(2)]
+    ctrl.step()
+    ctrl.step()  # step 3, the decision's, is in the step window
+    model(loader[0])
+    ctrl.full_pass(model, loader, lambda m, b: m(b))
+    assert ctrl.step()["layers"][0]["samples"] == 3  # the training batch only
+    assert ctrl.epoch_end()["layers"][0]["samples"] == 6  # the full pass only
+
+
+def test_unknown_epoch_length_collects_every_step_for_the_epoch_end():
+    gen = torch.Generator().manual_seed(23)
+    layer = make_layer()
+    ctrl = RollingQ(layer, window=2, every_n_steps=4, max_rotations=0, logger=lambda r: None)
+    ctrl.begin_epoch(None)
+    step_samples = []
+    for _ in range(6):
+        assert ctrl.collecting
+        feed(ctrl, layer, [scripted_batch(layer, 2, gen)])
+        rec = ctrl.step()
+        if rec is not None:
+            step_samples.append(rec["layers"][0]["samples"])
+    assert step_samples == [4] and ctrl.epoch_end()["layers"][0]["samples"] == 12

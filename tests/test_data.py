@@ -143,6 +143,10 @@ def good():
     (lambda a: a.update(split=np.zeros(6, np.int64)), "both train"),
     (lambda a: a.update(corrupt=np.array([-1, 0, 1, 2, -1, -1])), "'corrupt' values must be in -1..1"),
     (lambda a: a.update(x_a=np.full((6, 3, 4), np.nan, np.float32)), "NaN or inf"),
+    (lambda a: a.update(x_a=np.full((6, 3, 4), -np.inf)), "'x_a' holds NaN or inf"),
+    # Finite in float64, inf once cast to the float32 the model reads: checked after the cast.
+    (lambda a: a.update(x_b=np.where(np.arange(5) == 2, 1e39, a["x_b"].astype(np.float64))),
+     r"'x_b' holds values beyond float32's range \(\|x\| <= 3.403e\+38 expected"),
 ])
 def test_npz_errors(tmp_path, good, change, message):
     change(good)

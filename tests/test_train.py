@@ -196,13 +196,30 @@ def test_three_modalities_and_two_heads(tmp_path):
     data = make_synthetic(SyntheticSpec(num_modalities=3, tokens=(4, 6, 3), features=(8, 8, 5),
                                         signal_tokens=(1, 6, 3), n_train=64, n_test=8, seed=1))
     cfg = {**TINY, "n_train": None, "n_test": None}
-    rec = run(TrainConfig(method="rollingq", epochs=1, fusion_heads=2, out=str(tmp_path / "m3"), **cfg), data)[0]
+    hist, model = run(TrainConfig(method="rollingq", epochs=1, fusion_heads=2, out=str(tmp_path / "m3"), **cfg), data,
+                      return_model=True)
+    rec = hist[0]
     assert set(rec["acc"]) == {"clean", "corrupt_0", "corrupt_1", "corrupt_2"}
     assert len(rec["c"]) == 3 and len(rec["probe_acc"]) == 3 and rec["rotations"] == 1
     # AIR is max(c) - min(c) per head, then averaged: at least the spread of the head-averaged c.
     assert rec["air"] >= max(rec["c"]) - min(rec["c"]) - 1e-9 and rec["air"] > 0
     assert all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in rec["mass"].values())
     assert all(math.isfinite(v) for v in _numbers(rec))
+    # The test AIR is the same measure: per head max(c) - min(c) over the subset, then the mean over
+    # heads (not the spread of the head-averaged c), recomputed here from the model's statistics.
+    model.eval()
+    with torch.no_grad():
+        xs, _, _ = data.dataset(1)[list(range(len(data.dataset(1))))]
+        out = model(xs, need_stats=True)
+        kbar = out.stats.key_sum[:, :, :3].double() / out.stats.key_count[:, None, :3, None].double()
+        cos = torch.nn.functional.cosine_similarity(out.q_fusion.double()[:, :, None], kbar, dim=-1)  # [B, H, M]
+    spread_of_mean = []
+    for name, idx in data.subsets(1).items():
+        c = cos[torch.as_tensor(idx)].mean(0)  # [H, M]
+        assert rec["air_test"][name] == pytest.approx(float((c.amax(-1) - c.amin(-1)).mean()), abs=1e-9)
+        assert rec["c_test"][name] == pytest.approx(c.mean(0).tolist(), abs=1e-9)
+        spread_of_mean.append(float(c.mean(0).amax() - c.mean(0).amin()))
+    assert any(abs(a - b) > 1e-4 for a, b in zip(rec["air_test"].values(), spread_of_mean)), "heads must disagree"
 
 
 def test_attention_dropout_trains_and_resumes_exactly(tmp_path):
@@ -228,3 +245,114 @@ def test_attention_dropout_trains_and_resumes_exactly(tmp_path):
         train.main(["--attn-dropout", "1.0", "--out", str(tmp_path / "z")])
     with pytest.raises(ValueError, match="attention fusion"):
         TrainConfig(method="sum", attn_dropout=0.1).check()
+
+
+def _fake_record(air, gap=0.5, acc=0.8):
+    return {"test_acc": acc, "acc": {"clean": 1.0, "corrupt_0": acc, "corrupt_1": 0.9}, "probe_acc": [0.9, 0.6],
+            "air": air, "key_gap": gap, "mass": {"clean": [0.6, 0.3, 0.1], "corrupt_0": [0.4, 0.5, 0.1]}}
+
+
+def test_experiment_tables_average_over_missing_values():
+    """A null AIR (an epoch without statistics) is left out of the means, "-" when every seed
+    lacks it; the tables' std is the population std (ddof=0)."""
+    from rollingq import experiment
+
+    results = {"rollingq": {0: [_fake_record(None), _fake_record(0.2)],
+                            1: [_fake_record(None), _fake_record(None, gap=None)],
+                            2: [_fake_record(None), _fake_record(0.1, gap=0.7)]}}
+    rows = experiment.epoch_table(results).splitlines()
+    assert rows[2] == "| 1 | - | 0.500 | 0.500 | 0.800 |"
+    assert rows[3] == "| 2 | +0.150 | 0.500 | 0.600 | 0.800 |"
+    row = [r for r in experiment.summary_table(results).splitlines() if r.startswith("| rollingq |")][0]
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    labels = [label for _, label in experiment.COLUMNS]
+    assert cells[labels.index("final abs(AIR)")] == f"0.150 ± {np.std([0.2, 0.1]):.3f}" == "0.150 ± 0.050"
+    assert cells[labels.index("key gap")] == "0.600 ± 0.100"
+
+
+def test_every_n_steps_decision_on_the_epochs_last_step_keeps_the_epoch_record(tmp_path):
+    """3 steps per epoch and a step decision every 3 steps: the epoch-end record still reads the
+    epoch's window. vanilla never rotates and collects on every step either way (window 5), so
+    its records match a run without step decisions."""
+    cfg = dict(method="vanilla", epochs=2, **TINY)
+    plain = run(TrainConfig(out=str(tmp_path / "plain"), **cfg))
+    stepped = run(TrainConfig(out=str(tmp_path / "step"), every_n_steps=3, **cfg))
+    for a, b in zip(plain, stepped):
+        assert b["air"] is not None and None not in b["c"]
+        for key in ("air", "key_gap", "c", "mass_train", "test_acc"):
+            assert a[key] == b[key], key
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    """The number of processes sets the shards and the steps per epoch: a resume must keep it.
+    Older checkpoints (no saved world size) are checked by their step count."""
+    cfg = dict(method="vanilla", epochs=2, **TINY)
+    out = tmp_path / "w"
+    run(TrainConfig(out=str(out), stop_after=1, **cfg))
+    path = out / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["config"]["world_size"] == 1
+    torch.save({**state, "config": {**state["config"], "world_size": 2}}, path)
+    with pytest.raises(ValueError, match=r"settings differ.*'world_size': \(2, 1\)"):
+        run(TrainConfig(out=str(out), resume=True, **cfg))
+    old = {k: v for k, v in state["config"].items() if k != "world_size"}
+    # An older checkpoint of 2 processes: 2 steps in its first epoch where this run makes 3.
+    torch.save({**state, "config": old, "scheduler": {**state["scheduler"], "last_epoch": 2}}, path)
+    with pytest.raises(ValueError, match=r"steps_per_epoch \(world_size\)': \(2, 3\)"):
+        run(TrainConfig(out=str(out), resume=True, **cfg))
+    torch.save({**state, "config": old}, path)  # an older checkpoint of one process resumes
+    assert len(run(TrainConfig(out=str(out), resume=True, **cfg))) == 2
+
+
+def test_demo_refuses_the_flags_it_does_not_honour(monkeypatch, capsys):
+    """--demo fixes its own setting: a training flag given with it is an error naming the flag
+    (also written as --flag=value or abbreviated, and also at its default value)."""
+    calls = []
+    monkeypatch.setattr(train, "run_demo", lambda **kw: calls.append(kw))
+    for argv, named in ((["--demo", "--lr=0.5", "--method", "vanilla"], "not --lr, --method"),
+                        (["--demo", "--epo", "1"], "not --epochs"),
+                        (["--demo", "--epochs", "12", "--out", "x"], "not --epochs, --out"),
+                        (["--demo", "--threads", "0"], "--threads must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        err = capsys.readouterr().err
+        assert named in err, argv
+        if "not --" in named:
+            assert "--demo runs a fixed setting and takes only --threads, --seed and --no-progress" in err
+    assert calls == []
+    assert train.main(["--demo", "--seed", "3", "--threads", "1", "--no-progress"]) == 0
+    assert calls == [{"threads": 1, "seed": 3, "progress": False}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dim", "30"], "--dim must be a multiple of the encoders' 4 heads, got 30"),
+    (["--dim", "32", "--fusion-heads", "3"], "--dim must be a multiple of --fusion-heads (3), got 32"),
+    (["--n-train", "0"], "--n-train must be >= 1, got 0"),
+    (["--n-test", "-1"], "--n-test must be >= 1, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--beta", "nan"], "--beta must be a finite number, got nan"),
+    (["--sigma", "inf"], "--sigma must be a finite number, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0, got inf"),
+])
+def test_cli_refuses_bad_settings_before_creating_the_run_folder(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out", str(out)])
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_with_step_decisions_keeps_the_step_window_across_epochs(tmp_path):
+    """3 steps per epoch, a decision every 4 with window 5: the step window spans each epoch end,
+    so its samples must travel in the checkpoint for the resumed run to decide as the whole one."""
+    cfg = dict(method="rollingq", epochs=3, every_n_steps=4, max_rotations=3, **TINY)
+    full = run(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    run(TrainConfig(out=str(tmp_path / "part"), stop_after=1, **cfg))
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert int(state["controller"]["step_sums"][0]["samples"]) == 96  # steps 1..3, for the decision at 4
+    resumed = run(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(full) and full[-1]["rotations"] == 3

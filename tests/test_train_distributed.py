@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from rollingq.train import TrainConfig, run
@@ -69,6 +70,9 @@ def test_two_process_ddp_rotations_identical_and_match_single_process(tmp_path):
     # Only rank 0 writes: one log line per epoch, not two.
     with open(out / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+    # Resuming the 2-process run in one process would change the shards and the schedule: refused.
+    with pytest.raises(ValueError, match=r"'world_size': \(2, 1\)"):
+        run(TrainConfig(out=str(out), batch_size=32, resume=True, **CFG))
 
     # One process with the same global batch (2 x 32) sees the same samples per step and the same
     # statistics window, so it must land on the same rotation (up to float summation order; without the all-reduce they differ by ~0.04).
