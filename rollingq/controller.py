@@ -48,6 +48,8 @@ class RollingQ:
         window: online estimation collects over the last `window` steps of each epoch (for
             `epoch_end`) and, with `every_n_steps`, over the `window` steps before each step
             decision; None collects on every step (for a step decision: every step since the last).
+            0 collects nothing online: with `full_pass` before each `epoch_end`, the training steps
+            then run without statistics (not with `every_n_steps`, which has no pass of its own).
         rotation: "plane" (minimal rotation, default) or "svd" (the official construction).
         every_n_steps: if set, `step()` also decides every N steps.
         logger: callable receiving each decision record (a JSON-serialisable dict); default:
@@ -90,13 +92,16 @@ class RollingQ:
                 raise ValueError(f"{name} must be a finite number, got {val!r}")
         if isinstance(max_rotations, bool) or not isinstance(max_rotations, int) or max_rotations < 0:
             raise ValueError(f"max_rotations must be an int >= 0, got {max_rotations!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ValueError(f"window must be an int >= 0 or None, got {window!r}")
         if rotation not in ("plane", "svd"):
             raise ValueError(f"rotation must be 'plane' or 'svd', got {rotation!r}")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be an int >= 1 or None, got {every_n_steps!r}")
+        if window == 0 and every_n_steps is not None:
+            raise ValueError("window=0 collects no statistics online, so every_n_steps decisions would see none; "
+                             "pass window >= 1 or None with every_n_steps")
         if logger is not None and not callable(logger):
             raise TypeError(f"logger must be callable or None, got {type(logger).__name__}")
 
@@ -139,8 +144,12 @@ class RollingQ:
 
     def _epoch_window(self) -> bool:
         """The current step feeds the epoch accumulator: inside `full_pass`, with window=None or an
-        unknown epoch length, or during the epoch's last `window` training steps."""
-        if self._in_full_pass or self.window is None or self.steps_per_epoch is None:
+        unknown epoch length, or during the epoch's last `window` training steps (none for 0)."""
+        if self._in_full_pass or self.window is None:
+            return True
+        if self.window == 0:
+            return False
+        if self.steps_per_epoch is None:
             return True
         # epoch_step == steps_per_epoch: the epoch's training steps are done (e.g. validation).
         return self.steps_per_epoch - self.window <= self.epoch_step < self.steps_per_epoch

@@ -124,6 +124,12 @@ _RESUME_DEFAULTS = {"attn_dropout": 0.0}
 _WORLD_KEY = "world_size"
 
 
+def _online_window(cfg: TrainConfig) -> int:
+    """The controller's online window: none with --full-pass (the epoch-end pass replaces it, so the
+    training steps need no statistics), unless --every-n-steps decisions need one."""
+    return 0 if cfg.full_pass and cfg.every_n_steps is None else cfg.window
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m rollingq.train", description=__doc__.splitlines()[0],
@@ -411,7 +417,7 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
         # gap the same way but never rotates.
         controller = RollingQ(model.attention_layers(), beta=cfg.beta, sigma=cfg.sigma,
                               max_rotations=cfg.max_rotations if cfg.method == "rollingq" else 0,
-                              window=cfg.window, rotation=cfg.rotation, every_n_steps=cfg.every_n_steps,
+                              window=_online_window(cfg), rotation=cfg.rotation, every_n_steps=cfg.every_n_steps,
                               logger=lambda rec: None)
     train_set = data.dataset(0)
     loader, sampler = make_loader(train_set, cfg.batch_size, True, cfg.seed, world, rank)

@@ -172,6 +172,26 @@ def test_composition_order():
     assert not torch.allclose(R, R1 @ R2, atol=1e-2), "the data must tell the two orders apart"
 
 
+def test_window_zero_collects_only_in_the_full_pass():
+    """window=0 (what --full-pass uses): no training step computes statistics, the full pass does,
+    and the epoch end decides from it; every_n_steps, which has no pass, is refused with it."""
+    layer = make_layer()
+    ctrl = RollingQ(layer, window=0, logger=lambda r: None)
+    for steps in (10, None):
+        ctrl.begin_epoch(steps)
+        flags = []
+        for _ in range(4):
+            flags.append(ctrl.collecting)
+            ctrl.step()
+        assert flags == [False] * 4
+    gen = torch.Generator().manual_seed(16)
+    batches = [scripted_batch(layer, 2, gen) for _ in range(3)]
+    ctrl.full_pass(torch.nn.Identity(), batches, lambda m, b: feed(ctrl, layer, [b]))
+    assert ctrl.epoch_end()["layers"][0]["samples"] == 6
+    with pytest.raises(ValueError, match="window=0"):
+        RollingQ(layer, window=0, every_n_steps=4)
+
+
 def test_collecting_schedule_and_every_n_steps():
     layer = make_layer()
     ctrl = RollingQ(layer, window=3, logger=lambda r: None)

@@ -114,15 +114,22 @@ def test_resume_refuses_a_missing_checkpoint_or_changed_settings(tmp_path):
         run(TrainConfig(method="vanilla", epochs=1, lr=0.5, out=str(tmp_path / "a"), resume=True, **TINY))
 
 
-def test_full_pass_and_svd_rotation_and_npz_input(tmp_path):
+def test_full_pass_and_svd_rotation_and_npz_input(tmp_path, monkeypatch):
+    """--full-pass: the controller observes only inside the epoch-end pass (the training steps run
+    without statistics: no online window), and decides from it."""
+    from rollingq.controller import RollingQ
+
     data = make_synthetic(SyntheticSpec(n_train=64, n_test=8, seed=5))
     path = tmp_path / "feat.npz"
     save_npz(data, path)
     cfg = {**TINY, "n_train": None, "n_test": None}
+    seen, observe = [], RollingQ.observe
+    monkeypatch.setattr(RollingQ, "observe", lambda self, *a: (seen.append(self.in_full_pass), observe(self, *a)))
     hist = run(TrainConfig(method="rollingq", data=str(path), epochs=1, full_pass=True, rotation="svd",
                            rotate="all", out=str(tmp_path / "r"), **cfg))
     rec = hist[0]
     assert rec["rotations"] == 1 and all(math.isfinite(v) for v in _numbers(rec))
+    assert seen and all(seen), "a training step computed statistics with --full-pass"
 
 
 def test_cli_parses_and_rejects(tmp_path, capsys):
