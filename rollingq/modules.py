@@ -119,6 +119,22 @@ class RollingQAttention(nn.Module):
             self.rotation = saved.to(device=self.rotation.device, dtype=torch.float32)
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) (the meta-init idiom) replaces the buffer with the saved
+        # tensor: a bf16 checkpoint would leave a bf16 rotation, which _apply never sees.
+        if self.rotation.dtype != torch.float32:
+            self.rotation = self.rotation.float()
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replicas share the controller but are not the layer it tracks: their
+        # statistics would come from several threads into one set of sums, or be lost.
+        if self.controller is not None:
+            raise RuntimeError("RollingQAttention with a RollingQ controller attached does not run under "
+                               "nn.DataParallel; use torch.nn.parallel.DistributedDataParallel (the controller "
+                               "all-reduces its statistics across processes)")
+        return super()._replicate_for_data_parallel()
+
     def __getstate__(self):
         # A pickled or deep-copied layer does not drag its controller (and its logger) along.
         state = self.__dict__.copy()
@@ -137,7 +153,8 @@ class RollingQAttention(nn.Module):
         torch.distributed collective) keeps the version counter and would leave the factors stale,
         unless ROLLINGQ_CHECK_VALUES=always, which compares the values on every call."""
         R = self.rotation
-        if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta:
+        if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta \
+                or torch._C._functorch.is_functorch_wrapped_tensor(R):  # torch.func: no storage to key on
             return R
         cache = self._kernel_rotation
         version = tensor_version(R)
@@ -153,7 +170,13 @@ class RollingQAttention(nn.Module):
                     and torch.equal(cache[2], R):  # rewritten with the same values, e.g. a DDP buffer broadcast
                 self._kernel_rotation = (R, version) + cache[2:]
                 return cache[3]
-            factors = low_rank_rotation(R, max_rank=self.head_dim // 8)
+            try:
+                factors = low_rank_rotation(R, max_rank=self.head_dim // 8)
+            except RuntimeError:  # e.g. the SVD of a NaN (a bad checkpoint): name the buffer instead
+                if not bool(torch.isfinite(R).all()):
+                    raise ValueError("rotation (the RollingQAttention buffer) must be finite (it holds NaN or "
+                                     "inf)") from None
+                raise
             form = R if factors is None else factors
             self._kernel_rotation = (R, version, R.detach().clone(), form)
         return form

@@ -8,7 +8,7 @@ PyTorch op bumps the version and the next call checks anew. Writes that bypass t
 are not seen: through `.data`, `.numpy()` or the storage, by torch.distributed collectives
 (broadcast, all_reduce) or by foreign kernels. ROLLINGQ_CHECK_VALUES=always checks on every call
 (for buffers refilled that way), =0 skips the checks. They are skipped while torch.compile traces
-and while a CUDA graph is captured, where data cannot be read.
+and while a CUDA graph is captured, where data cannot be read, and inside torch.func transforms.
 """
 import numbers
 import os
@@ -42,6 +42,8 @@ def value_checks_enabled(device: torch.device) -> bool:
     """Whether checks that read tensor values back (a host sync on CUDA) run on tensors of
     `device`; see the module doc."""
     if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func.vmap: values unreadable
         return False
     if device.type == "meta":  # shape-only tensors hold no values to check
         return False

@@ -121,6 +121,47 @@ def test_rotation_buffer_state_dict_and_dtype():
     assert m.rotation.dtype == torch.float32 and torch.equal(m.rotation, saved)
     out, _ = m(x.bfloat16(), ids)
     assert out.dtype == torch.bfloat16
+    # load_state_dict(assign=True) (meta init, then load) takes the saved tensors themselves: a bf16
+    # checkpoint's rotation still comes back in float32.
+    m3 = RollingQAttention(16, 2, 2, device="meta")
+    m3.load_state_dict({k: v.bfloat16() for k, v in sd.items()}, assign=True)
+    assert m3.rotation.dtype == torch.float32 and torch.equal(m3.rotation, sd["rotation"].bfloat16().float())
+
+
+def test_bad_rotation_buffer_is_named():
+    """A NaN in the rotation buffer (a bad checkpoint) is an error naming the rotation, not an SVD
+    failure inside the factoring."""
+    m = RollingQAttention(16, 2, 2)
+    with torch.no_grad():
+        m.rotation[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="rotation.*finite"):
+        m(torch.randn(1, 5, 16), torch.tensor([0, 1, 1, 0]))
+
+
+def test_data_parallel_replica_with_a_controller_is_refused():
+    """nn.DataParallel's replicas are shallow copies the controller does not track: refused with a
+    pointer to DDP (replicated the way DataParallel does, which needs no GPU); without a
+    controller a replica is made as usual."""
+    m = RollingQAttention(16, 2, 2)
+    assert isinstance(m._replicate_for_data_parallel(), RollingQAttention)
+    rollingq.RollingQ(m)
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        m._replicate_for_data_parallel()
+
+
+def test_torch_func_ensemble_of_layers():
+    """torch.func model ensembling (stacked parameters and rotation buffers, vmap of
+    functional_call): each member's output is its own layer's."""
+    gen = torch.Generator().manual_seed(8)
+    layers = [RollingQAttention(16, 2, 2) for _ in range(2)]
+    with torch.no_grad():
+        layers[1].rotation.copy_(random_rotation(2, 8, gen))
+    params, bufs = torch.func.stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    x, ids = torch.randn(2, 5, 16, generator=gen), torch.tensor([0, 1, 1, 0])
+    out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x, ids))[0])(params, bufs)
+    for i, layer in enumerate(layers):
+        assert torch.allclose(out[i], layer(x, ids)[0], atol=1e-5)
 
 
 class StubController:
