@@ -118,6 +118,7 @@ class RollingQ:
         self.global_step = 0
         self.epoch_step = 0
         self.steps_per_epoch: Optional[int] = None
+        self._epochs_declared = False  # begin_epoch was called: the caller runs epochs (epoch_end)
         self.epoch = 0  # number of epoch_end() calls made
         self.decisions = 0  # number of decide() calls made (epoch_end's and every_n_steps')
         self._in_full_pass = False
@@ -136,6 +137,7 @@ class RollingQ:
             raise ValueError(f"steps_per_epoch must be an int >= 1 or None, got {steps_per_epoch!r}")
         self.steps_per_epoch = steps_per_epoch
         self.epoch_step = 0
+        self._epochs_declared = True
 
     @property
     def in_full_pass(self) -> bool:
@@ -150,7 +152,9 @@ class RollingQ:
         if self.window == 0:
             return False
         if self.steps_per_epoch is None:
-            return True
+            # Epochs of unknown length (begin_epoch(None)): every step, for epoch_end. A caller that
+            # never began an epoch and decides every_n_steps runs step decisions only: no cost here.
+            return self._epochs_declared or self.every_n_steps is None
         # epoch_step == steps_per_epoch: the epoch's training steps are done (e.g. validation).
         return self.steps_per_epoch - self.window <= self.epoch_step < self.steps_per_epoch
 
@@ -378,6 +382,7 @@ class RollingQ:
             "steps_per_epoch": self.steps_per_epoch,
             "epoch": self.epoch,
             "decisions": self.decisions,
+            "epochs_declared": self._epochs_declared,
             "sums": [None if s is None else {k: v.clone() for k, v in s.items()} for s in self._sums],
             "step_sums": [None if s is None else {k: v.clone() for k, v in s.items()} for s in self._step_sums],
         }
@@ -415,5 +420,7 @@ class RollingQ:
         self.steps_per_epoch = state["steps_per_epoch"]
         self.epoch = int(state["epoch"])
         self.decisions = int(state.get("decisions", state["epoch"]))  # older states counted decisions as epochs
+        self._epochs_declared = bool(state.get("epochs_declared",
+                                               state["steps_per_epoch"] is not None or int(state["epoch"]) > 0))
         self._sums = sums
         self._step_sums = step_sums

@@ -8,7 +8,7 @@ from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
 from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, check_values_always, checked_values,
-                         tensor_version, value_checks_enabled)
+                         readable, tensor_version, value_checks_enabled)
 
 __all__ = ["RollingQAttention"]
 
@@ -154,7 +154,7 @@ class RollingQAttention(nn.Module):
         unless ROLLINGQ_CHECK_VALUES=always, which compares the values on every call."""
         R = self.rotation
         if torch.compiler.is_compiling() or capturing_cuda_graph(R.device) or R.is_meta \
-                or torch._C._functorch.is_functorch_wrapped_tensor(R):  # torch.func: no storage to key on
+                or not readable(R):  # batched by torch.func: no storage to key the cache on
             return R
         cache = self._kernel_rotation
         version = tensor_version(R)
@@ -198,7 +198,7 @@ class RollingQAttention(nn.Module):
                 or (modality_ids.dim() == 2 and tuple(modality_ids.shape) == (B, Lm))):
             raise ValueError(f"modality_ids must cover the modality tokens only: shape [L - num_fusion_tokens] = "
                              f"[{Lm}] or [B, {Lm}], got {tuple(modality_ids.shape)}")
-        if modality_ids.numel() and value_checks_enabled(modality_ids.device):
+        if modality_ids.numel() and value_checks_enabled(modality_ids.device) and readable(modality_ids):
             # Checked here, not by the op: there an id of M would pass silently as the fusion class.
             # On the tensor as passed (a CPU one costs no sync) and once per tensor version.
             lo, hi = checked_values.ids_range(modality_ids)

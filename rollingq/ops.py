@@ -143,8 +143,10 @@ def _fwd_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.rollingq.attention_bwd)
 def _bwd_flops(do_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     B, H, Lq, D = q_shape
-    # args: v .. mask_grad (12), then need_dq and need_dkdv (positional as _backward passes them)
+    # args: v .. attn_mask, mask_grad (index 11), need_dq, need_dkdv (positional as _backward passes them)
+    mask_grad = args[11] if len(args) > 11 else kwargs.get("mask_grad", False)
     need_dq = args[12] if len(args) > 12 else kwargs.get("need_dq", True)
     need_dkdv = args[13] if len(args) > 13 else kwargs.get("need_dkdv", True)
-    matmuls = 2 + need_dq + 2 * need_dkdv  # q.k and do.v, then ds.k; p.do and ds.q
+    dq_kernel = bool(need_dq or mask_grad)  # it also forms a learned bias's gradient
+    matmuls = 2 + dq_kernel + 2 * bool(need_dkdv)  # q.k and do.v, then ds.k; p.do and ds.q
     return 2 * matmuls * B * H * Lq * k_shape[2] * D

@@ -8,7 +8,8 @@ PyTorch op bumps the version and the next call checks anew. Writes that bypass t
 are not seen: through `.data`, `.numpy()` or the storage, by torch.distributed collectives
 (broadcast, all_reduce) or by foreign kernels. ROLLINGQ_CHECK_VALUES=always checks on every call
 (for buffers refilled that way), =0 skips the checks. They are skipped while torch.compile traces
-and while a CUDA graph is captured, where data cannot be read, and inside torch.func transforms.
+and while a CUDA graph is captured, where data cannot be read, and for tensors batched by torch.func
+transforms (vmap), whose values cannot be read either (`readable`).
 """
 import numbers
 import os
@@ -43,11 +44,15 @@ def value_checks_enabled(device: torch.device) -> bool:
     `device`; see the module doc."""
     if os.environ.get("ROLLINGQ_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func.vmap: values unreadable
-        return False
     if device.type == "meta":  # shape-only tensors hold no values to check
         return False
     return not capturing_cuda_graph(device)
+
+
+def readable(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors' values can be read back: not inside a torch.func transform's batching
+    (vmap over stacked parameters). Unbatched tensors inside vmap are readable and are checked."""
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -166,7 +171,7 @@ def check_inputs(
              and (modality_ids.dim() == 1 or modality_ids.shape[0] == B),
              lambda: f"modality_ids must have shape [Lk] = [{Lk}] or [B, Lk] = [{B}, {Lk}], got {tuple(modality_ids.shape)}")
     check_values = value_checks_enabled(q.device)
-    if check_values and modality_ids.numel() and not ids_in_range:
+    if check_values and modality_ids.numel() and not ids_in_range and readable(modality_ids):
         lo, hi = checked_values.ids_range(modality_ids)
         _require(lo >= -1 and hi < num_modalities,
                  lambda: f"modality_ids must hold values in -1..{num_modalities - 1} (-1 = padding), got range {lo}..{hi}")
@@ -179,7 +184,7 @@ def check_inputs(
         _require(rotation.shape == (H, D, D), lambda: f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
         _require(rotation.dtype.is_floating_point, lambda: f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, lambda: f"rotation must be on {q.device}, got {rotation.device}")
-        if check_values:
+        if check_values and readable(rotation):
             _require(checked_values.finite(rotation), "rotation must be finite (it holds NaN or inf)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
@@ -222,7 +227,7 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
     _require(attn_mask.dim() <= 4 and all(n == 1 or n == want for n, want in zip(attn_mask.shape[::-1], shape[::-1])),
              lambda: f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
     _require(attn_mask.device == device, lambda: f"attn_mask must be on {device}, got {attn_mask.device}")
-    if check_values and attn_mask.is_floating_point() and attn_mask.numel():
+    if check_values and attn_mask.is_floating_point() and attn_mask.numel() and readable(attn_mask):
         _require(checked_values.get(attn_mask, "bias", lambda t: bool((t < float("inf")).all())),
                  "attn_mask must not hold NaN or +inf (-inf hides a key)")
 
@@ -248,7 +253,7 @@ def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_val
     _require(rotation.left.shape == rotation.right.shape,
              lambda: f"rotation.left and rotation.right must have one shape [H, D, r], got {tuple(rotation.left.shape)} "
              f"and {tuple(rotation.right.shape)}")
-    if check_values:
+    if check_values and readable(rotation.left, rotation.right):
         _require(checked_values.finite(rotation.left) and checked_values.finite(rotation.right),
                  "rotation.left and rotation.right must be finite (they hold NaN or inf)")
 

@@ -422,3 +422,14 @@ def test_unknown_epoch_length_collects_every_step_for_the_epoch_end():
         if rec is not None:
             step_samples.append(rec["layers"][0]["samples"])
     assert step_samples == [4] and ctrl.epoch_end()["layers"][0]["samples"] == 12
+    # Never beginning an epoch, with step decisions only: statistics on their windows alone (no
+    # epoch accumulator filled for an epoch_end that never comes); kept across state_dict.
+    ctrl = RollingQ(layer, window=2, every_n_steps=4, max_rotations=0, logger=lambda r: None)
+    flags = []
+    for _ in range(8):
+        flags.append(ctrl.collecting)
+        ctrl.step()
+    assert flags == [False, False, True, True] * 2
+    again = RollingQ(layer, window=2, every_n_steps=4, max_rotations=0, logger=lambda r: None)
+    again.load_state_dict(ctrl.state_dict())
+    assert not again.collecting and (again.step(), again.step(), again.collecting)[2]

@@ -151,7 +151,8 @@ def test_data_parallel_replica_with_a_controller_is_refused():
 
 def test_torch_func_ensemble_of_layers():
     """torch.func model ensembling (stacked parameters and rotation buffers, vmap of
-    functional_call): each member's output is its own layer's."""
+    functional_call): each member's output is its own layer's. The batched buffers cannot be read
+    inside vmap, but unbatched inputs are: out-of-range ids are still refused there."""
     gen = torch.Generator().manual_seed(8)
     layers = [RollingQAttention(16, 2, 2) for _ in range(2)]
     with torch.no_grad():
@@ -162,6 +163,8 @@ def test_torch_func_ensemble_of_layers():
     out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x, ids))[0])(params, bufs)
     for i, layer in enumerate(layers):
         assert torch.allclose(out[i], layer(x, ids)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="modality_ids must hold values"):
+        torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x, ids + 5))[0])(params, bufs)
 
 
 class StubController:

@@ -181,6 +181,14 @@ def test_flop_counter_counts_like_sdpa():
         out.sum().backward()
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert counts == {"rollingq.attention_fwd": fwd, "rollingq.attention_bwd": 3 * fwd // 2}
+    # Only a learned bias wants a gradient: the dQ kernel still runs for it (3 matmuls).
+    q.requires_grad_(False)
+    bias = torch.zeros(1, H, Lq, Lk, device=DEVICE, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 2, attn_mask=bias)
+        out.sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"rollingq.attention_fwd": fwd, "rollingq.attention_bwd": 3 * fwd // 2}
 
 
 def test_torch_compile_fullgraph_module():
