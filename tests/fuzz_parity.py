@@ -398,6 +398,9 @@ def summary(p):
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     args = [a for a in sys.argv[1:] if not a.startswith("--")]  # START SECONDS
     start = int(args[0]) if args else 0
     deadline = float(args[1]) if len(args) > 1 else 35 * 60
