@@ -354,6 +354,23 @@ def _summarise_controller(rec: Optional[Dict[str, Any]], M: int) -> Dict[str, An
     return out
 
 
+def _device_for(name: str, distributed: bool, local_rank: int) -> torch.device:
+    """--device as a torch.device; a CUDA one always with its index (torch.cuda.set_device refuses
+    a bare "cuda"): the local rank's under torch.distributed, else the current device."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available")
+        if distributed:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def run(cfg: TrainConfig, data: Optional[MultimodalData] = None, return_model: bool = False):
     """Train with `cfg`; returns the per-epoch records (the lines of metrics.jsonl), or
     `(records, model)` with return_model. `data` overrides `cfg.data` (the experiment and the
@@ -361,15 +378,8 @@ def run(cfg: TrainConfig, data: Optional[MultimodalData] = None, return_model: b
     cfg.check()
     world, rank, local_rank, local_world = _dist_info()
     distributed = world > 1
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = _device_for(cfg.device, distributed, local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
-        if distributed:
-            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
     previous_threads = torch.get_num_threads()

@@ -68,13 +68,15 @@ def check_right_padded(dtype, causal, lengths, monkeypatch):
         out, st = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=3, causal=causal)
         return (out, st.attn_mass) + torch.autograd.grad(out, (q, k, v), grad)
 
-    skipped = run()
-    monkeypatch.setattr(common, "live_key_ends",
-                        lambda ids: torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int32, device=ids.device))
-    full = run()  # the trimming kernels, told every row is live
-    monkeypatch.setattr(common, "trims_padding", lambda ids: False)
-    plain = run()  # the kernels without trimming
-    torch.use_deterministic_algorithms(was)
+    try:
+        skipped = run()
+        monkeypatch.setattr(common, "live_key_ends",
+                            lambda ids: torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int32, device=ids.device))
+        full = run()  # the trimming kernels, told every row is live
+        monkeypatch.setattr(common, "trims_padding", lambda ids: False)
+        plain = run()  # the kernels without trimming
+    finally:  # a failure must not leave deterministic mode on for the tests after it
+        torch.use_deterministic_algorithms(was)
     for a, b, c in zip(skipped, full, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -114,6 +114,25 @@ def test_resume_refuses_a_missing_checkpoint_or_changed_settings(tmp_path):
         run(TrainConfig(method="vanilla", epochs=1, lr=0.5, out=str(tmp_path / "a"), resume=True, **TINY))
 
 
+def test_cuda_device_always_has_an_index(monkeypatch):
+    """--device cuda / auto on a GPU: torch.cuda.set_device refuses a bare "cuda" (every GPU run
+    failed there); the device passed on carries the current index, or the local rank's under
+    torch.distributed. CUDA is faked (no GPU here); the index check is set_device's own."""
+    from torch.cuda._utils import _get_device_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for name, distributed, want in (("auto", False, "cuda:0"), ("cuda", False, "cuda:0"),
+                                    ("cuda:1", False, "cuda:1"), ("cuda", True, "cuda:3")):
+        device = train._device_for(name, distributed, 3)
+        assert device == torch.device(want) and _get_device_index(device) == device.index
+    assert train._device_for("cpu", False, 0) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train._device_for("auto", False, 0) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        train._device_for("cuda", False, 0)
+
+
 def test_full_pass_and_svd_rotation_and_npz_input(tmp_path, monkeypatch):
     """--full-pass: the controller observes only inside the epoch-end pass (the training steps run
     without statistics: no online window), and decides from it."""
