@@ -281,7 +281,7 @@ def evaluate(model: MultimodalTransformer, data: MultimodalData, device: torch.d
     M = data.num_modalities
     attention = model.fusion == "attention"
     preds, probes = [], [[] for _ in range(M)]
-    mass, cos_sum, cos_n, kmean, kn = [], [], [], [], []
+    mass, cos_sum, kmean, present_n = [], [], [], []
     for start in range(0, len(ds), batch_size):
         xs, y, _ = _to(ds[list(range(start, min(start + batch_size, len(ds))))], device)
         out = model(xs, need_stats=attention)
@@ -299,9 +299,8 @@ def evaluate(model: MultimodalTransformer, data: MultimodalData, device: torch.d
             q = out.q_fusion.double()[:, :, None, :]
             cos = (q * kh).sum(-1) / (q.norm(dim=-1) * kh.norm(dim=-1)).clamp_min(1e-30)  # [B, H, M]
             cos_sum.append((cos * present[:, None, :]).cpu())  # [B, H, M]: AIR is taken per head
-            cos_n.append(present.double().cpu())
             kmean.append((kbar * present[:, None, :, None]).cpu())
-            kn.append(present.double().cpu())
+            present_n.append(present.double().cpu())  # counts both the cosines and the mean keys
     pred = torch.cat(preds)
     y = ds.y
     res: Dict[str, Any] = {"test_acc": float((pred == y).double().mean())}
@@ -311,15 +310,15 @@ def evaluate(model: MultimodalTransformer, data: MultimodalData, device: torch.d
     res["probe_acc"] = [float((p == y).double().mean()) for p in probe]
     res["probe_acc_subsets"] = {k: [float((p[i] == y[i]).double().mean()) for p in probe] for k, i in subsets.items()}
     if attention:
-        mass_all, cs, cn = torch.cat(mass), torch.cat(cos_sum), torch.cat(cos_n)
-        km, kcount = torch.cat(kmean), torch.cat(kn)
+        mass_all, cs, km, n = torch.cat(mass), torch.cat(cos_sum), torch.cat(kmean), torch.cat(present_n)
         res["mass"], res["c_test"], res["air_test"], res["key_gap_test"] = {}, {}, {}, {}
         for k, i in subsets.items():
             res["mass"][k] = mass_all[i].mean(0).tolist()
-            res["c_test"][k] = (cs[i].mean(1).sum(0) / cn[i].sum(0)).tolist()  # head-averaged c
+            c = cs[i].sum(0) / n[i].sum(0)  # [H, M]
+            res["c_test"][k] = c.mean(0).tolist()  # head-averaged c
             # As training's `air`: per head (c0 - c1, or max - min for M > 2), then the mean over heads.
-            res["air_test"][k] = float(air_from_cos(cs[i].sum(0) / cn[i].sum(0)).mean())
-            kb = km[i].sum(0) / kcount[i].sum(0)[None, :, None]  # [Hkv, M, D]
+            res["air_test"][k] = float(air_from_cos(c).mean())
+            kb = km[i].sum(0) / n[i].sum(0)[None, :, None]  # [Hkv, M, D]
             res["key_gap_test"][k] = float(key_gap(kb).mean())
     model.train(was_training)
     return res
