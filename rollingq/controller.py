@@ -4,7 +4,7 @@ layers' rotation buffers."""
 import json
 import logging
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -50,6 +50,9 @@ class RollingQ:
             decision; None collects on every step (for a step decision: every step since the last).
             0 collects nothing online: with `full_pass` before each `epoch_end`, the training steps
             then run without statistics (not with `every_n_steps`, which has no pass of its own).
+        epoch_window: the epoch accumulator's own window, when it differs from `window` (default
+            "window": the same). 0 with `full_pass` plus `every_n_steps`: the steps collect only for the step
+            decisions, since `full_pass` replaces the epoch's online window anyway.
         rotation: "plane" (minimal rotation, default) or "svd" (the official construction).
         every_n_steps: if set, `step()` also decides every N steps.
         logger: callable receiving each decision record (a JSON-serialisable dict); default:
@@ -61,15 +64,16 @@ class RollingQ:
     Under torch.distributed the sums are all-reduced in `epoch_end()` (and in each `every_n_steps`
     decision), so every rank must call it and every rank applies the identical rotation.
 
-    Two accumulators keep the two decisions apart: the epoch one (the epoch's last `window` steps,
-    or `full_pass`), read and reset by `epoch_end()`, and the step one (the `window` steps before
+    Two accumulators keep the two decisions apart: the epoch one (the epoch's last `epoch_window`
+    steps, or `full_pass`), read and reset by `epoch_end()`, and the step one (the `window` steps before
     each `every_n_steps` decision), read and reset by that decision. A batch in both windows counts
     in both, so a step decision never takes the samples of the epoch-end decision.
     """
 
     def __init__(self, layers, beta: float = 0.0, sigma: float = 0.0, max_rotations: int = 1,
                  window: Optional[int] = 5, rotation: str = "plane", every_n_steps: Optional[int] = None,
-                 logger: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+                 logger: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 epoch_window: Union[int, None, str] = "window") -> None:
         from .modules import RollingQAttention  # modules imports nothing from here at import time
 
         if isinstance(layers, RollingQAttention):
@@ -92,8 +96,11 @@ class RollingQ:
                 raise ValueError(f"{name} must be a finite number, got {val!r}")
         if isinstance(max_rotations, bool) or not isinstance(max_rotations, int) or max_rotations < 0:
             raise ValueError(f"max_rotations must be an int >= 0, got {max_rotations!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
-            raise ValueError(f"window must be an int >= 0 or None, got {window!r}")
+        if epoch_window == "window":
+            epoch_window = window
+        for name, val in (("window", window), ("epoch_window", epoch_window)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {val!r}")
         if rotation not in ("plane", "svd"):
             raise ValueError(f"rotation must be 'plane' or 'svd', got {rotation!r}")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -110,6 +117,7 @@ class RollingQ:
         self.sigma = float(sigma)
         self.max_rotations = max_rotations
         self.window = window
+        self.epoch_window = epoch_window
         self.rotation = rotation
         self.every_n_steps = every_n_steps
         self.logger = logger
@@ -145,18 +153,18 @@ class RollingQ:
         return self._in_full_pass
 
     def _epoch_window(self) -> bool:
-        """The current step feeds the epoch accumulator: inside `full_pass`, with window=None or an
-        unknown epoch length, or during the epoch's last `window` training steps (none for 0)."""
-        if self._in_full_pass or self.window is None:
+        """The current step feeds the epoch accumulator: inside `full_pass`, with epoch_window=None or an
+        unknown epoch length, or during the epoch's last `epoch_window` training steps (none for 0)."""
+        if self._in_full_pass or self.epoch_window is None:
             return True
-        if self.window == 0:
+        if self.epoch_window == 0:
             return False
         if self.steps_per_epoch is None:
             # Epochs of unknown length (begin_epoch(None)): every step, for epoch_end. A caller that
             # never began an epoch and decides every_n_steps runs step decisions only: no cost here.
             return self._epochs_declared or self.every_n_steps is None
         # epoch_step == steps_per_epoch: the epoch's training steps are done (e.g. validation).
-        return self.steps_per_epoch - self.window <= self.epoch_step < self.steps_per_epoch
+        return self.steps_per_epoch - self.epoch_window <= self.epoch_step < self.steps_per_epoch
 
     def _step_window(self) -> bool:
         """The current step feeds the step accumulator: with `every_n_steps`, during the `window`

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,10 +124,12 @@ _RESUME_DEFAULTS = {"attn_dropout": 0.0}
 _WORLD_KEY = "world_size"
 
 
-def _online_window(cfg: TrainConfig) -> int:
-    """The controller's online window: none with --full-pass (the epoch-end pass replaces it, so the
-    training steps need no statistics), unless --every-n-steps decisions need one."""
-    return 0 if cfg.full_pass and cfg.every_n_steps is None else cfg.window
+def _online_windows(cfg: TrainConfig) -> Tuple[int, int]:
+    """The controller's (window, epoch_window): with --full-pass the epoch-end pass replaces the
+    epoch's online window, so the training steps collect only for --every-n-steps decisions."""
+    if not cfg.full_pass:
+        return cfg.window, cfg.window
+    return (0 if cfg.every_n_steps is None else cfg.window), 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,9 +426,11 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
     if fusion == "attention":
         # vanilla gets the same controller with max_rotations=0: it measures AIR, c, mass and key
         # gap the same way but never rotates.
+        window, epoch_window = _online_windows(cfg)
         controller = RollingQ(model.attention_layers(), beta=cfg.beta, sigma=cfg.sigma,
                               max_rotations=cfg.max_rotations if cfg.method == "rollingq" else 0,
-                              window=_online_window(cfg), rotation=cfg.rotation, every_n_steps=cfg.every_n_steps,
+                              window=window, epoch_window=epoch_window, rotation=cfg.rotation,
+                              every_n_steps=cfg.every_n_steps,
                               logger=lambda rec: None)
     train_set = data.dataset(0)
     loader, sampler = make_loader(train_set, cfg.batch_size, True, cfg.seed, world, rank)

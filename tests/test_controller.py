@@ -192,6 +192,34 @@ def test_window_zero_collects_only_in_the_full_pass():
         RollingQ(layer, window=0, every_n_steps=4)
 
 
+def test_epoch_window_apart_from_the_step_window():
+    """epoch_window=0 with every_n_steps (what --full-pass --every-n-steps uses): the steps collect
+    only in the step windows, into the step accumulator; the epoch end reads the full pass alone."""
+    layer = make_layer()
+    ctrl = RollingQ(layer, window=2, epoch_window=0, every_n_steps=5, max_rotations=0, logger=lambda r: None)
+    gen = torch.Generator().manual_seed(17)
+    ctrl.begin_epoch(7)
+    flags, step_samples = [], []
+    for _ in range(7):
+        flags.append(ctrl.collecting)
+        if ctrl.collecting:
+            feed(ctrl, layer, [scripted_batch(layer, 2, gen)])
+        rec = ctrl.step()
+        if rec is not None:
+            step_samples.append(rec["layers"][0]["samples"])
+    assert flags == [False, False, False, True, True, False, False]  # not the epoch's last two steps
+    assert step_samples == [4]
+    assert ctrl.state_dict()["sums"] == [None]
+    batches = [scripted_batch(layer, 3, gen) for _ in range(2)]
+    ctrl.full_pass(torch.nn.Identity(), batches, lambda m, b: feed(ctrl, layer, [b]))
+    assert ctrl.epoch_end()["layers"][0]["samples"] == 6
+    # The default follows window; a bad value is named.
+    assert RollingQ(layer, window=3).epoch_window == 3 and RollingQ(layer, window=None).epoch_window is None
+    for bad in (-1, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="epoch_window"):
+            RollingQ(layer, epoch_window=bad)
+
+
 def test_collecting_schedule_and_every_n_steps():
     layer = make_layer()
     ctrl = RollingQ(layer, window=3, logger=lambda r: None)

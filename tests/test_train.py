@@ -151,6 +151,23 @@ def test_full_pass_and_svd_rotation_and_npz_input(tmp_path, monkeypatch):
     assert seen and all(seen), "a training step computed statistics with --full-pass"
 
 
+def test_full_pass_with_every_n_steps_collects_only_the_step_windows(tmp_path, monkeypatch):
+    """--full-pass with --every-n-steps: the training steps compute statistics only for the step
+    decisions' windows, not for the epoch's last --window steps, which the pass replaces."""
+    from rollingq.controller import RollingQ
+
+    seen, observe = [], RollingQ.observe
+    monkeypatch.setattr(RollingQ, "observe", lambda self, *a: (
+        seen.append("pass" if self.in_full_pass else self.global_step), observe(self, *a)))
+    # 96 samples in batches of 32: steps 1-3 and 4-6 (global_step 0-2 and 3-5 while they run); a
+    # step decision after steps 2, 4 and 6, each reading the step before it. The first epoch's
+    # last step (3) is in no step window.
+    hist = run(TrainConfig(method="rollingq", epochs=2, full_pass=True, every_n_steps=2, window=1,
+                           out=str(tmp_path / "r"), **TINY))
+    assert [s for s in seen if s != "pass"] == [1, 3, 5]
+    assert seen.count("pass") > 0 and len(hist) == 2
+
+
 def test_cli_parses_and_rejects(tmp_path, capsys):
     out = tmp_path / "cli"
     assert train.main(["--method", "sum", "--epochs", "1", "--n-train", "64", "--n-test", "8", "--dim", "16",
