@@ -44,7 +44,9 @@ class RollingQ:
         layers: one RollingQAttention or a sequence of them. Each gets `layer.controller = self`.
         beta: trigger threshold; a head rotates when max(c) - min(c) > beta (|AIR| for M = 2).
         sigma: sharpness of the balanced target's weights softmax(-2 sigma c); 0 = equal weights.
-        max_rotations: how many times each layer may rotate in total.
+        max_rotations: how many times each head may rotate in total (each head of each layer
+            keeps its own count, as each has its own fusion query; the paper's single head: the
+            layer's).
         window: online estimation collects over the last `window` steps of each epoch (for
             `epoch_end`) and, with `every_n_steps`, over the `window` steps before each step
             decision; None collects on every step (for a step decision: every step since the last).
@@ -122,7 +124,8 @@ class RollingQ:
         self.every_n_steps = every_n_steps
         self.logger = logger
 
-        self.rotations: List[int] = [0] * len(layers)  # rotations applied, per layer
+        self.rotations: List[int] = [0] * len(layers)  # decisions that rotated some head, per layer
+        self.head_rotations: List[List[int]] = [[0] * layer.num_heads for layer in layers]  # per head
         self.global_step = 0
         self.epoch_step = 0
         self.steps_per_epoch: Optional[int] = None
@@ -312,7 +315,7 @@ class RollingQ:
         the full pass), without counting an epoch; `every_n_steps` decisions read the step
         accumulator instead. All-reduce the sums (under torch.distributed), compute per layer and
         head c [H, M], AIR, the target weights, the key gap and the fusion rows' attention mass;
-        rotate the heads where max(c) - min(c) > beta if the layer has rotated fewer than
+        rotate the heads where max(c) - min(c) > beta that have rotated fewer than
         `max_rotations` times (R <- R_new @ R, R_new mapping the mean effective query onto the
         balanced target); reset that accumulator only; log and return the JSON-serialisable record."""
         return self._decide(step=False)
@@ -341,7 +344,8 @@ class RollingQ:
         H, Hkv = layer.num_heads, layer.kv_heads
         samples = int(s["samples"].item())
         rec: Dict[str, Any] = {"layer": i, "samples": samples, "rotated": False,
-                               "rotated_heads": [False] * H, "rotations": self.rotations[i]}
+                               "rotated_heads": [False] * H, "rotations": self.rotations[i],
+                               "head_rotations": list(self.head_rotations[i])}
         if samples == 0:
             return rec
         c = s["cos_sum"] / s["cos_n"]  # [H, M]; NaN for a modality never seen
@@ -363,8 +367,9 @@ class RollingQ:
         # A head needs a defined imbalance, a nonzero mean query and a defined target to rotate.
         qn = torch.linalg.vector_norm(qbar, dim=-1)
         tn = torch.linalg.vector_norm(t, dim=-1)
-        heads = finite & (spread > self.beta) & (qn > 0) & (tn > 0)
-        if self.rotations[i] >= self.max_rotations or not bool(heads.any()):
+        left = torch.tensor([n < self.max_rotations for n in self.head_rotations[i]], device=qn.device)
+        heads = finite & (spread > self.beta) & (qn > 0) & (tn > 0) & left
+        if not bool(heads.any()):
             return rec
         make = plane_rotation if self.rotation == "plane" else svd_rotation
         eye = torch.eye(layer.head_dim, dtype=torch.float64, device=qbar.device).expand(H, -1, -1)
@@ -376,7 +381,10 @@ class RollingQ:
             R = layer.rotation
             R.copy_((R_new.to(R.device) @ R.double()).to(R.dtype))
         self.rotations[i] += 1
-        rec.update(rotated=True, rotated_heads=[bool(h) for h in heads.tolist()], rotations=self.rotations[i])
+        turned = [bool(h) for h in heads.tolist()]
+        self.head_rotations[i] = [n + t for n, t in zip(self.head_rotations[i], turned)]
+        rec.update(rotated=True, rotated_heads=turned, rotations=self.rotations[i],
+                   head_rotations=list(self.head_rotations[i]))
         return rec
 
     # ----------------------------------------------------------------------------- state
@@ -385,6 +393,7 @@ class RollingQ:
         epoch accumulator, "step_sums" the `every_n_steps` one."""
         return {
             "rotations": list(self.rotations),
+            "head_rotations": [list(h) for h in self.head_rotations],
             "global_step": self.global_step,
             "epoch_step": self.epoch_step,
             "steps_per_epoch": self.steps_per_epoch,
@@ -398,7 +407,8 @@ class RollingQ:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what `state_dict()` returned (the controller must wrap the same layers). A state
         saved before the step accumulator existed (only "sums") restores that as the epoch
-        accumulator, with an empty step accumulator."""
+        accumulator, with an empty step accumulator; one saved before the per-head counts gives every
+        head its layer's count (the most any of its heads had rotated), so none rotates more."""
         missing = {"rotations", "global_step", "epoch_step", "steps_per_epoch", "epoch", "sums"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}")
@@ -422,7 +432,13 @@ class RollingQ:
             return sums
 
         sums, step_sums = restore(state["sums"], "sums"), restore(step_state, "step_sums")
+        head_state = state.get("head_rotations")
+        if head_state is None:
+            head_state = [[int(r)] * layer.num_heads for r, layer in zip(state["rotations"], self.layers)]
+        if len(head_state) != n or any(len(h) != layer.num_heads for h, layer in zip(head_state, self.layers)):
+            raise ValueError("state['head_rotations'] does not match the layers' head counts")
         self.rotations = [int(r) for r in state["rotations"]]
+        self.head_rotations = [[int(x) for x in h] for h in head_state]
         self.global_step = int(state["global_step"])
         self.epoch_step = int(state["epoch_step"])
         self.steps_per_epoch = state["steps_per_epoch"]

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--beta", type=float, default=d.beta, help="rotate when |AIR| > beta")
     p.add_argument("--sigma", type=float, default=d.sigma, help="target weights softmax(-2 sigma c)")
-    p.add_argument("--max-rotations", type=int, default=d.max_rotations)
+    p.add_argument("--max-rotations", type=int, default=d.max_rotations,
+                   help="rotations each fusion head may make in all")
     p.add_argument("--window", type=int, default=d.window, help="online estimate over the last N steps of an epoch")
     p.add_argument("--every-n-steps", type=int, default=None, help="also decide every N training steps "
                    "(statistics from the last --window steps before each decision)")

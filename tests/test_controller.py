@@ -153,6 +153,45 @@ def test_at_most_max_rotations():
     assert torch.equal(layer.rotation, after_first) and ctrl.rotations == [1]
 
 
+def test_max_rotations_counts_each_head():
+    """Each head has its own budget: a head that stayed under beta may rotate later although its
+    neighbour spent the budget; the counts survive state_dict, and an older state (no per-head
+    counts) gives every head its layer's count."""
+    gen = torch.Generator().manual_seed(18)
+    layer = make_layer(H=2)
+    batches = [scripted_batch(layer, 5, gen)]
+    exp = expected_decision(layer, batches, sigma=0.0)
+    spread = (exp["c"][:, 0] - exp["c"][:, 1]).abs()
+    lo, hi, big = float(spread.min()), float(spread.max()), int(spread.argmax())
+    assert hi - lo > 1e-3 and lo > 1e-3
+    ctrl = RollingQ(layer, beta=(lo + hi) / 2, max_rotations=1, logger=lambda r: None)
+    feed(ctrl, layer, batches)
+    lr = ctrl.epoch_end()["layers"][0]
+    assert lr["rotated_heads"] == [h == big for h in range(2)] and lr["head_rotations"] == lr["rotated_heads"]
+    after_first = layer.rotation.clone()
+    ctrl.beta = 0.0  # now both heads are over beta; only the one with budget left turns
+    feed(ctrl, layer, batches)
+    lr = ctrl.epoch_end()["layers"][0]
+    assert lr["rotated_heads"] == [h != big for h in range(2)] and lr["head_rotations"] == [1, 1]
+    assert torch.equal(layer.rotation[big], after_first[big])
+    assert not torch.allclose(layer.rotation[1 - big], after_first[1 - big], atol=1e-3)
+    feed(ctrl, layer, batches)
+    assert not ctrl.epoch_end()["layers"][0]["rotated"]
+    assert ctrl.rotations == [2] and ctrl.head_rotations == [[1, 1]]
+
+    state = ctrl.state_dict()
+    again = RollingQ(layer, max_rotations=1, logger=lambda r: None)
+    again.load_state_dict(state)
+    assert again.head_rotations == [[1, 1]]
+    old = {k: v for k, v in state.items() if k != "head_rotations"}
+    old["rotations"] = [1]
+    again = RollingQ(layer, max_rotations=2, logger=lambda r: None)
+    again.load_state_dict(old)
+    assert again.head_rotations == [[1, 1]]
+    with pytest.raises(ValueError, match="head_rotations"):
+        again.load_state_dict({**state, "head_rotations": [[1, 1, 1]]})
+
+
 def test_composition_order():
     gen = torch.Generator().manual_seed(14)
     layer = make_layer(H=2)
