@@ -91,8 +91,9 @@ def rollingq_attention_reference(
     scale: Optional[float] = None,
     stats: bool = True,
     dropout_p: float = 0.0,
-    dropout_mask: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
+    *,
+    dropout_mask: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Same signature and semantics as `rollingq.rollingq_attention`, in plain PyTorch.

@@ -151,3 +151,26 @@ def test_compute_dtype_is_validated():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(TypeError, match="compute_dtype must be None or one of"):
         rollingq_attention_reference(q, q, q, torch.zeros(4, dtype=torch.long), 1, compute_dtype=torch.int32)
+
+
+def test_positional_signature_is_the_public_one():
+    """design.md: the reference has the public function's signature. Its extras (dropout_mask,
+    compute_dtype) are keyword-only, so a positional attn_mask means the same in both."""
+    import inspect
+
+    from rollingq import rollingq_attention
+
+    public = list(inspect.signature(rollingq_attention).parameters.values())
+    ref = inspect.signature(rollingq_attention_reference).parameters.values()
+    positional = [p for p in ref if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [(p.name, p.default) for p in positional] == [(p.name, p.default) for p in public]
+    assert {p.name for p in ref if p.kind is p.KEYWORD_ONLY} == {"dropout_mask", "compute_dtype"}
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(1, 2, 5, 5, generator=gen) > 0.4
+    mask[..., 0] = True
+    ids = torch.tensor([0, 1, 0, 1, 1])
+    pos, _ = rollingq_attention_reference(q, k, v, ids, 2, None, None, False, None, True, 0.0, mask)
+    kw, _ = rollingq_attention_reference(q, k, v, ids, 2, attn_mask=mask)
+    plain, _ = rollingq_attention_reference(q, k, v, ids, 2)
+    assert torch.equal(pos, kw) and not torch.allclose(pos, plain)
