@@ -814,16 +814,17 @@ def attention_bwd(
         dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
         split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
         n_dv = triton.cdiv(D, block_dv)
-        _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
-            q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
-            *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            ids.stride(0), ids.stride(1), *amask_strides,
-            H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-            common.deterministic(),
-            HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-            CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
-            OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
-        )
+        with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+            _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
+                q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
+                *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                ids.stride(0), ids.stride(1), *amask_strides,
+                H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
+                common.deterministic(),
+                HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+                CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
+                OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
+            )
 
     if need_dq or mask_grad:  # dQ also forms the bias gradient
         dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
@@ -835,20 +836,21 @@ def attention_bwd(
         every_row = in_kernel_rot and rot_mask is None
         rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
         n_wide = wide_plan(D, WIDE_CHUNK)[2]
-        _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
-                                         H, B)](
-            q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
-            common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
-            *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
-            H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-            common.deterministic(),
-            HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
-            CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
-            SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
-            EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
-            OFFS64=int64_offsets(q_rot, k, v, do, dq, *mask_slices(amask, mask_kind)),
-        )
+        with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+            _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
+                                             H, B)](
+                q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,
+                common.live_key_ends(ids) if trim else delta, amask, row_max, delta if dmask is None else dmask,
+                *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
+                H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
+                common.deterministic(),
+                HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
+                CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
+                SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),
+                EVERY_ROW=every_row, TMA=tma_dq and not split, WC=WIDE_CHUNK,
+                OFFS64=int64_offsets(q_rot, k, v, do, dq, *mask_slices(amask, mask_kind)),
+            )
         if rotate and not in_kernel_rot and need_dq:
             # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
             # in place for the factored form (no second dq buffer; unrotated rows are not touched).

@@ -550,19 +550,20 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     tma = USE_TMA and arch >= 90 and q.dtype != torch.float32 and tma_ready(k, v)
     if tma and q.is_cuda:
         ensure_scratch_allocator()
-    _rollingq_fwd_kernel[grid](
-        q, k, v, out, lse_arg, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
-        seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask, rowmax_arg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1), *amask_strides,
-        H, Lq, Lk, num_modalities, group, workers,
-        scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
-        HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
-        CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
-        TRIM=trim, MASK=mask_kind,
-        EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
-        MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
-        OFFS64=int64_offsets(q, k, v, out, *mask_slices(amask, mask_kind)),
-    )
+    with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+        _rollingq_fwd_kernel[grid](
+            q, k, v, out, lse_arg, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
+            seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask, rowmax_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1), *amask_strides,
+            H, Lq, Lk, num_modalities, group, workers,
+            scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
+            CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
+            TRIM=trim, MASK=mask_kind,
+            EVERY_ROW=rotate and rot_mask is None, SPLIT=split, IEEE=q.dtype == torch.float32,
+            MASS_F16=q.dtype == torch.bfloat16 or FORCE_MASS_F16, KS_N=KS_BLOCK, RC=ROT_CHUNK, TMA=tma, WC=WIDE_CHUNK,
+            OFFS64=int64_offsets(q, k, v, out, *mask_slices(amask, mask_kind)),
+        )
     key_sum = ksum_part[:, :, :, :num_modalities].sum(2) if stats else None  # contiguous [B, Hkv, M, D]
     return out, lse, q_rot_out, (mass if stats else None), key_sum

@@ -1,6 +1,14 @@
 """Small host-side helpers shared by the forward and backward launchers."""
 import contextlib
 import os
+import threading
+
+# Triton's Autotuner keeps each call's arguments on the kernel object (`self.nargs`) while it
+# builds the key, prunes, times and pre-hooks a config, so two threads launching one kernel at
+# once (nn.DataParallel replicas, autograd's per-device threads) read each other's arguments: a
+# crash on None, or the dQ pre-hook zeroing the other call's bias gradient (triton-lang/triton
+# #11494). Every autotuned launch holds this lock.
+LAUNCH_LOCK = threading.Lock()
 
 
 def interpreting() -> bool:

@@ -212,11 +212,17 @@ def check_inputs(
                     SUPPORTED_DTYPES + ((torch.float64,) if q.dtype == torch.float64 else ()), check_values)
 
 
+# The kernels add the bias in base 2 (times log2 e): above float32's max / log2 e (2.36e38) it
+# overflows to +inf and the row becomes NaN. The limit leaves room for the scores beside it.
+MAX_BIAS = 1e38
+
+
 def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int], device,
                     allowed_dtypes=SUPPORTED_DTYPES, check_values: bool = True) -> None:
     """An attention mask as SDPA takes it: None, or a bool (True = attend) or float (added to the
     scaled scores) tensor broadcastable to `shape` = [B, H, Lq, Lk]; a float one may require grad,
-    and must not hold NaN or +inf (-inf hides a key), checked once per tensor version."""
+    and must hold no NaN and nothing above `MAX_BIAS` (+inf among them; -inf hides a key), checked
+    once per tensor version."""
     if attn_mask is None:
         return
     _require(isinstance(attn_mask, torch.Tensor), lambda: f"attn_mask must be a torch.Tensor or None, got "
@@ -228,8 +234,8 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
              lambda: f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
     _require(attn_mask.device == device, lambda: f"attn_mask must be on {device}, got {attn_mask.device}")
     if check_values and attn_mask.is_floating_point() and attn_mask.numel() and readable(attn_mask):
-        _require(checked_values.get(attn_mask, "bias", lambda t: bool((t < float("inf")).all())),
-                 "attn_mask must not hold NaN or +inf (-inf hides a key)")
+        _require(checked_values.get(attn_mask, "bias", lambda t: bool((t <= MAX_BIAS).all())),
+                 f"attn_mask must not hold NaN or values above {MAX_BIAS:g} (+inf among them; -inf hides a key)")
 
 
 def check_dropout(p, name: str = "dropout_p") -> None:

@@ -341,6 +341,8 @@ def test_convention_matches_sdpa():
     (torch.zeros(9, 9, dtype=torch.float64), TypeError, "attn_mask must be bool"),
     (torch.tensor([[float("nan")] * 9] * 9), ValueError, "NaN"),
     (torch.full((9, 9), float("inf")), ValueError, "NaN"),
+    (torch.full((9, 9), 2.4e38), ValueError, "above 1e.38"),  # the kernels' base-2 bias would overflow
+    (torch.full((9, 9), 2.4e38, dtype=torch.bfloat16), ValueError, "above 1e.38"),
     ([[True] * 9] * 9, TypeError, "attn_mask must be a torch.Tensor"),
 ])
 def test_bad_masks(bad, exc, match):
@@ -544,7 +546,7 @@ def test_mask_slices_beyond_32_bit_offsets_take_64_bit_ones():
     assert offset_slices(stand_in, 0) == ()
 
 
-@pytest.mark.parametrize("fill", [-1e30, -1e9, torch.finfo(torch.float32).min])
+@pytest.mark.parametrize("fill", [-1e30, -1e9, torch.finfo(torch.float32).min, 1e38])
 def test_rows_under_a_large_finite_bias(fill):
     """A whole row under one large finite bias (a common padding fill), forward and backward by
     design.md's rule: the backward keeps the row max and log2 of the sum apart (m + log2 l rounds
@@ -566,7 +568,7 @@ def test_rows_under_a_large_finite_bias(fill):
         return (o,) + torch.autograd.grad(o, (qq, kk, vv, mm), row_grad.to(dt))
 
     r64, r32 = ref(torch.float64), ref(torch.float32)
-    if fill <= -1e30:  # the bias swamps the scores even in float64: every key weighs 1 / L there
+    if abs(fill) >= 1e30:  # the bias swamps the scores even in float64: every key weighs 1 / L there
         uniform = v.detach().double().mean(2, keepdim=True).expand(-1, 2, -1, -1)
         assert (r64[0][:, :, 5:6] - uniform).abs().max().item() < 1e-6
     assert r64[4][5].abs().max().item() > 1e-3  # the row's bias gets a gradient, the others none

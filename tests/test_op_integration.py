@@ -377,6 +377,15 @@ def test_tensors_on_a_device_other_than_the_current_one():
     ref, _ = rollingq_attention_reference(q.double(), k.double(), v.double(), ids, 2, rot.double(), 64, stats=False)
     assert out.device == q.grad.device == torch.device("cuda:1")
     assert (out.double() - ref).abs().max().item() < 1e-2 and torch.isfinite(q.grad).all()
+    # kernels/dropout.keep_mask launches on its seed's device too.
+    from rollingq.kernels.dropout import keep_mask
+
+    seed = torch.tensor([1234], dtype=torch.int64, device="cuda:1")
+    with torch.cuda.device(0):
+        mask = keep_mask(seed, 1, 2, 64, 64, 0.5)
+    with torch.cuda.device(1):
+        want = keep_mask(seed, 1, 2, 64, 64, 0.5)
+    assert mask.device == seed.device and torch.equal(mask, want) and 0.4 < want.float().mean().item() < 0.6
 
 
 def test_torch_compile_fullgraph_low_rank_rotation():
