@@ -1,5 +1,6 @@
 """Small host-side helpers shared by the forward and backward launchers."""
 import contextlib
+import functools
 import os
 import threading
 
@@ -91,16 +92,36 @@ def new_buffer(shape, device, dtype):
 TARGET_ARCH = None  # set by ahead-of-time builds (bench/inspect_kernels.py) to plan for a card not here
 
 
+# Hopper's plan (tiles up to 227 KB of shared memory, descriptors, wgmma) needs an H100/H200-class
+# card; compute capability 9+ cards with less opt-in shared memory per block (sm_120: 99 KB) take
+# the Ampere plan, which offers every launch class a tile within 99 KB (tests/test_aot_compile.py).
+HOPPER_PLAN_MIN_SHARED = 200 * 1024
+
+
 def target_arch() -> int:
-    """The GPU generation the launchers plan for: 90 (Hopper and newer; also the CPU interpreter, so
-    that its tests walk the Hopper plan) or 80 (Ampere's plan, used for every pre-Hopper card)."""
+    """The GPU generation the launchers plan for: 90 (compute capability 9 and up with Hopper's
+    shared memory; also the CPU interpreter, so that its tests walk the Hopper plan) or 80 (Ampere's
+    plan: the other cards from sm_80 on, A100 to RTX 40xx). Older cards are refused: the kernels
+    need sm_80's bf16 tensor cores, asynchronous copies and shared memory."""
     if TARGET_ARCH is not None:
         return TARGET_ARCH
     import torch
 
-    if torch.cuda.is_available():
-        return 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
-    return 90
+    if not torch.cuda.is_available():
+        return 90
+    return _device_plan(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_plan(index: int) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        raise RuntimeError(f"rollingq's Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); "
+                           f"cuda:{index} ({torch.cuda.get_device_name(index)}) is {major}.{minor}")
+    shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    return 90 if major >= 9 and (shared is None or shared >= HOPPER_PLAN_MIN_SHARED) else 80
 
 
 @contextlib.contextmanager

@@ -266,3 +266,33 @@ def test_wide_rows_that_spill_are_left_out():
     with planning_for(90):
         plain, learned = wide_rows(None, 0.0), wide_rows("learned", 0.1)
     assert (64, 64, 8, 2) in plain and learned == plain - {(64, 64, 8, 2)}
+
+
+@pytest.mark.parametrize("cap, shared, plan", [
+    ((9, 0), 227 * 1024, 90),   # H100 / H200
+    ((10, 0), 227 * 1024, 90),  # B200
+    ((12, 0), 99 * 1024, 80),   # RTX 50xx: Hopper's tiles would not fit its shared memory
+    ((8, 0), 163 * 1024, 80),   # A100
+    ((8, 9), 99 * 1024, 80),    # RTX 40xx / L40S: the Ampere plan, each class with a row within 99 KB
+    ((7, 5), 64 * 1024, None),  # T4: refused by name
+])
+def test_plan_follows_the_card(monkeypatch, cap, shared, plan):
+    from types import SimpleNamespace
+
+    from rollingq.kernels import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "a fake card")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i=None: SimpleNamespace(shared_memory_per_block_optin=shared))
+    common._device_plan.cache_clear()
+    try:
+        if plan is None:
+            with pytest.raises(RuntimeError, match=r"compute capability 8.0 or newer.*a fake card\) is 7.5"):
+                common.target_arch()
+        else:
+            assert common.target_arch() == plan
+    finally:
+        common._device_plan.cache_clear()
