@@ -796,10 +796,11 @@ def attention_bwd(
 
     delta = common.new_buffer((B, H, Lq), dev, torch.float32)
     pre_d, pre_dc = _pre_blocks(D)
-    _bwd_preprocess_kernel[launch_grid(triton.cdiv(Lq, PRE_BLOCK_M), 1, H, B)](
-        out, do, delta, *out.stride(), *do.stride(), H, Lq,
-        HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M, OFFS64=int64_offsets(out, do),
-    )
+    with common.LAUNCH_LOCK:
+        _bwd_preprocess_kernel[launch_grid(triton.cdiv(Lq, PRE_BLOCK_M), 1, H, B)](
+            out, do, delta, *out.stride(), *do.stride(), H, Lq,
+            HEAD_D=D, BLOCK_D=pre_d, NUM_DC=pre_dc, BLOCK_M=PRE_BLOCK_M, OFFS64=int64_offsets(out, do),
+        )
 
     # Tensor descriptors (Hopper, 16-bit, aligned layouts): dK/dV streams q_rot and do, dQ streams k and v.
     tma_ok = USE_TMA and not ieee and target_arch() >= 90
@@ -814,7 +815,7 @@ def attention_bwd(
         dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
         split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
         n_dv = triton.cdiv(D, block_dv)
-        with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+        with common.LAUNCH_LOCK:
             _bwd_dkdv[lambda meta: launch_grid(triton.cdiv(Lk, meta["BLOCK_N"]), n_dv, Hkv, B)](
                 q_rot, k, v, do, lse, delta, ids, dk, dv, seed if dropout else delta, amask, row_max,
                 *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -836,7 +837,7 @@ def attention_bwd(
         every_row = in_kernel_rot and rot_mask is None
         rm = ids if (every_row or not in_kernel_rot) else rot_mask.view(torch.uint8)  # ids: never read
         n_wide = wide_plan(D, WIDE_CHUNK)[2]
-        with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+        with common.LAUNCH_LOCK:
             _bwd_dq[lambda meta: launch_grid(triton.cdiv(Lq, meta["BLOCK_M"]), n_wide if meta["WIDE"] and split else n_dv,
                                              H, B)](
                 q_rot, k, v, do, lse, delta, ids, rot, rm, dq, seed if dropout else delta,

@@ -553,7 +553,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     tma = USE_TMA and arch >= 90 and q.dtype != torch.float32 and tma_ready(k, v)
     if tma and q.is_cuda:
         ensure_scratch_allocator()
-    with common.LAUNCH_LOCK:  # the autotuner is not thread-safe
+    with common.LAUNCH_LOCK:
         _rollingq_fwd_kernel[grid](
             q, k, v, out, lse_arg, q_rot_out if (save_qrot and rotate) else lse, rot, rm, ids, mass, ksum_part,
             seed if dropout_p > 0 else lse, common.live_key_ends(ids) if trim else lse, amask, rowmax_arg,

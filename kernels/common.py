@@ -4,11 +4,12 @@ import functools
 import os
 import threading
 
-# Triton's Autotuner keeps each call's arguments on the kernel object (`self.nargs`) while it
-# builds the key, prunes, times and pre-hooks a config, so two threads launching one kernel at
-# once (nn.DataParallel replicas, autograd's per-device threads) read each other's arguments: a
-# crash on None, or the dQ pre-hook zeroing the other call's bias gradient (triton-lang/triton
-# #11494). Every autotuned launch holds this lock.
+# Every kernel launch holds this lock. Triton's Autotuner keeps each call's arguments on the kernel
+# object (`self.nargs`) while it builds the key, prunes, times and pre-hooks a config, so two
+# threads launching one kernel at once (nn.DataParallel replicas, autograd's per-device threads)
+# read each other's arguments: a crash on None, or the dQ pre-hook zeroing the other call's bias
+# gradient (triton-lang/triton#11494). Triton's interpreter, which patches triton.language while a
+# kernel runs, is not thread-safe either.
 LAUNCH_LOCK = threading.Lock()
 
 

@@ -151,10 +151,11 @@ def _rotate_dense_rows(x: torch.Tensor, rotation: torch.Tensor, rot_mask: torch.
     s_rh, s_ro, s_ri = rotation.stride()
     if transpose:  # x @ R: y[., o] = sum_i x[., i] * R[i, o]
         s_ro, s_ri = s_ri, s_ro
-    _dense_rows_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), triton.cdiv(D, DENSE_BLOCK_O), H, B)](
-        x, rotation, mask, y, *x.stride(), *y.stride(), s_rh, s_ro, s_ri, *mask.stride(), L,
-        HEAD_D=D, BLOCK_L=BLOCK_L, BLOCK_O=DENSE_BLOCK_O, BLOCK_I=DENSE_BLOCK_I, IEEE=x.dtype == torch.float32,
-        num_warps=4)
+    with common.LAUNCH_LOCK:
+        _dense_rows_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), triton.cdiv(D, DENSE_BLOCK_O), H, B)](
+            x, rotation, mask, y, *x.stride(), *y.stride(), s_rh, s_ro, s_ri, *mask.stride(), L,
+            HEAD_D=D, BLOCK_L=BLOCK_L, BLOCK_O=DENSE_BLOCK_O, BLOCK_I=DENSE_BLOCK_I, IEEE=x.dtype == torch.float32,
+            num_warps=4)
     return y
 
 
@@ -189,8 +190,9 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Ten
     y = x if in_place else common.new_buffer((B, H, L, D), x.device, x.dtype)
     mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
     s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
-    _low_rank_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), 1, H, B)](
-        x, a, b, mask, y, *x.stride(), *y.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
-        BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D, block_r, use_dot), BLOCK_R=block_r, USE_DOT=use_dot,
-        EVERY_ROW=rot_mask is None, IN_PLACE=in_place, num_warps=4)
+    with common.LAUNCH_LOCK:
+        _low_rank_rotate_kernel[launch_grid(triton.cdiv(L, BLOCK_L), 1, H, B)](
+            x, a, b, mask, y, *x.stride(), *y.stride(), a.stride(0), a.stride(1), s_mb, s_ml, H, L, D, r,
+            BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D, block_r, use_dot), BLOCK_R=block_r, USE_DOT=use_dot,
+            EVERY_ROW=rot_mask is None, IN_PLACE=in_place, num_warps=4)
     return y

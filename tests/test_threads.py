@@ -1,17 +1,18 @@
 """Launches from several threads at once (nn.DataParallel replicas, autograd's per-device threads).
-Triton's Autotuner keeps each call's arguments on the shared kernel object, so every autotuned
-launch must hold `common.LAUNCH_LOCK` (triton-lang/triton#11494)."""
+Triton's Autotuner keeps each call's arguments on the shared kernel object (triton-lang/triton
+#11494) and its interpreter patches triton.language while a kernel runs: every launch holds
+`common.LAUNCH_LOCK`."""
 import threading
 
 import pytest
 import torch
 
 import rollingq
-from rollingq.kernels import attention_bwd, attention_fwd, common
+from rollingq.kernels import common, dropout
+from rollingq.rotation import low_rank_rotation, plane_rotation
 
 pytestmark = pytest.mark.kernel
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = [(attention_fwd, "_rollingq_fwd_kernel"), (attention_bwd, "_bwd_dkdv"), (attention_bwd, "_bwd_dq")]
 
 
 def problem(seed, L=9, D=16):
@@ -29,19 +30,31 @@ def fwd_bwd(leaves, ids, grad):
     return (out.detach(),) + torch.autograd.grad(out, leaves, grad)
 
 
-def test_every_autotuned_launch_holds_the_lock(monkeypatch):
-    held = []
-    for module, name in KERNELS:
-        kernel = getattr(module, name)
-        assert isinstance(kernel, __import__("triton").runtime.autotuner.Autotuner)
+def test_every_launch_holds_the_lock(monkeypatch):
+    """Each kernel run (the autotuned ones through their Autotuner, the rotation, delta and dropout
+    mask kernels directly) happens under `common.LAUNCH_LOCK`."""
+    cls = type(dropout._keep_mask_kernel)  # JITFunction, or the interpreter's stand-in
+    run, seen = cls.run, []
 
-        def run(*args, _run=kernel.run, _name=name, **kwargs):
-            held.append((_name, common.LAUNCH_LOCK.locked()))
-            return _run(*args, **kwargs)
+    def locked_run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, common.LAUNCH_LOCK.locked()))
+        return run(self, *args, **kwargs)
 
-        monkeypatch.setattr(kernel, "run", run)
-    fwd_bwd(*problem(0))
-    assert sorted(held) == sorted((name, True) for _, name in KERNELS)
+    monkeypatch.setattr(cls, "run", locked_run)
+    leaves, ids, grad = problem(0)
+    gen = torch.Generator().manual_seed(4)
+    dense = torch.linalg.qr(torch.randn(2, 16, 16, generator=gen, dtype=torch.float64))[0].float().to(DEVICE)
+    x, y = torch.randn(2, 2, 16, generator=gen, dtype=torch.float64)
+    factored = low_rank_rotation(plane_rotation(x, y).float().to(DEVICE))
+    q, k, v, bias = leaves
+    for rot in (dense, factored):  # fp32 rotates the selected rows up front: the rotation kernels
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 2, rotation=rot, rotate_rows=3, attn_mask=bias)
+        torch.autograd.grad(out, leaves, grad)
+    dropout.keep_mask(torch.tensor([7], device=DEVICE), 1, 1, 4, 4, 0.5)
+    names = {name for name, _ in seen}
+    assert {"_rollingq_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+            "_dense_rows_rotate_kernel", "_low_rank_rotate_kernel", "_keep_mask_kernel"} <= names, names
+    assert all(held for _, held in seen), [name for name, held in seen if not held]
 
 
 def test_concurrent_calls_equal_sequential_ones():
