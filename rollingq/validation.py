@@ -91,7 +91,9 @@ class CheckedValues:
         return self.get(ids, "range", lambda t: tuple(torch.stack(torch.aminmax(_aminmax_able(t))).tolist()))
 
     def finite(self, t: torch.Tensor) -> bool:
-        return self.get(t, "finite", lambda x: bool(torch.isfinite(x).all()))
+        """Finite in float32, which the kernels compute in (a float64 entry past its range would
+        arrive as inf)."""
+        return self.get(t, "finite", lambda x: bool(torch.isfinite(x.to(torch.float32)).all()))
 
 
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
@@ -185,7 +187,8 @@ def check_inputs(
         _require(rotation.dtype.is_floating_point, lambda: f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, lambda: f"rotation must be on {q.device}, got {rotation.device}")
         if check_values and readable(rotation):
-            _require(checked_values.finite(rotation), "rotation must be finite (it holds NaN or inf)")
+            _require(checked_values.finite(rotation), "rotation must be finite in float32 (it holds NaN or inf, "
+                     "or values past float32's range)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
             _require(rotate_rows.dtype == torch.bool, lambda: f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
@@ -204,8 +207,8 @@ def check_inputs(
     _require(not causal or Lq == Lk, lambda: f"causal=True requires Lq == Lk, got Lq {Lq}, Lk {Lk}")
     # These two messages are built only on failure: under torch.compile a value that changes from
     # call to call arrives as a SymFloat, which the tracer cannot format into a string.
-    if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) != float("inf")):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if scale is not None and not (_is_real(scale) and scale == scale and abs(scale) <= MAX_SCALE):
+        raise ValueError(f"scale must be a finite number of magnitude at most {MAX_SCALE:.3g} or None, got {scale!r}")
     check_dropout(dropout_p)
     # float64 masks only for float64 inputs (the reference's exact runs); the kernels read 16/32-bit ones.
     check_attn_mask(attn_mask, (B, H, Lq, Lk), q.device,
@@ -215,6 +218,8 @@ def check_inputs(
 # The kernels add the bias in base 2 (times log2 e): above float32's max / log2 e (2.36e38) it
 # overflows to +inf and the row becomes NaN. The limit leaves room for the scores beside it.
 MAX_BIAS = 1e38
+# The kernels scale the scores by scale * log2 e, a float32: past this it would be inf.
+MAX_SCALE = float(torch.finfo(torch.float32).max) / 1.4426950408889634
 
 
 def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int], device,
@@ -234,7 +239,8 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
              lambda: f"attn_mask must broadcast to [B, H, Lq, Lk] = {list(shape)}, got shape {tuple(attn_mask.shape)}")
     _require(attn_mask.device == device, lambda: f"attn_mask must be on {device}, got {attn_mask.device}")
     if check_values and attn_mask.is_floating_point() and attn_mask.numel() and readable(attn_mask):
-        _require(checked_values.get(attn_mask, "bias", lambda t: bool((t <= MAX_BIAS).all())),
+        # `!= inf` too: a float16 mask compares with MAX_BIAS rounded to +inf.
+        _require(checked_values.get(attn_mask, "bias", lambda t: bool(((t <= MAX_BIAS) & (t != float("inf"))).all())),
                  f"attn_mask must not hold NaN or values above {MAX_BIAS:g} (+inf among them; -inf hides a key)")
 
 
@@ -261,7 +267,8 @@ def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_val
              f"and {tuple(rotation.right.shape)}")
     if check_values and readable(rotation.left, rotation.right):
         _require(checked_values.finite(rotation.left) and checked_values.finite(rotation.right),
-                 "rotation.left and rotation.right must be finite (they hold NaN or inf)")
+                 "rotation.left and rotation.right must be finite in float32 (they hold NaN or inf, or values past "
+                 "float32's range)")
 
 
 def rotate_row_mask(rotate_rows: RotateRows, batch: int, lq: int, device) -> Optional[torch.Tensor]:

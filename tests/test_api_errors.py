@@ -54,6 +54,11 @@ def base(**over):
     (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=1.5), TypeError, "rotate_rows must be None"),
     (dict(q=torch.randn(2, 4, 5, 8), causal=True), ValueError, "causal=True requires Lq == Lk"),
     (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
+    (dict(scale=-1e39), ValueError, "scale must be a finite number of magnitude at most 2.36e"),  # inf in fp32 base 2
+    (dict(rotation=torch.full((4, 8, 8), 1e39, dtype=torch.float64), rotate_rows=1), ValueError,
+     "rotation must be finite in float32"),  # finite in float64, inf where the kernels compute
+    (dict(rotation=LowRankRotation(torch.full((4, 8, 2), -1e300, dtype=torch.float64), torch.randn(4, 8, 2)),
+          rotate_rows=1), ValueError, "must be finite in float32"),
     (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
     (dict(stats="no"), TypeError, "stats must be a bool, got str"),
     (dict(stats=None), TypeError, "stats must be a bool, got NoneType"),

@@ -343,6 +343,7 @@ def test_convention_matches_sdpa():
     (torch.full((9, 9), float("inf")), ValueError, "NaN"),
     (torch.full((9, 9), 2.4e38), ValueError, "above 1e.38"),  # the kernels' base-2 bias would overflow
     (torch.full((9, 9), 2.4e38, dtype=torch.bfloat16), ValueError, "above 1e.38"),
+    (torch.full((9, 9), float("inf"), dtype=torch.float16), ValueError, "NaN"),  # 1e38 rounds to inf in fp16
     ([[True] * 9] * 9, TypeError, "attn_mask must be a torch.Tensor"),
 ])
 def test_bad_masks(bad, exc, match):
