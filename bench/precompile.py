@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from rollingq.kernels.common import target_arch  # noqa: E402
 from launches import (BENCH_DTYPES, bench_problems, gpu_check_plan, jit_function, only_dtypes,  # noqa: E402
                       plan_jobs, plan_key_mismatches, portable, uncovered_launches)
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     cap = a.cap if a.cap is not None else (
         (lambda mj, mn: mj * 10 + mn)(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else 90)
     plan = only_dtypes(gpu_check_plan(), dtypes)
-    arch = 90 if cap >= 90 else 80
+    # The plan the launchers will take on this card (capability and shared memory), or by --cap alone.
+    arch = target_arch() if a.cap is None else (90 if cap >= 90 else 80)
     parts = [len(plan_jobs(plan[:1], arch))]
     jobs = plan_jobs(plan, arch)
     print(f"{len(jobs)} distinct compiles ({parts[0]} for the parity tests first, {len(jobs) - parts[0]} for the "

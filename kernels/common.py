@@ -108,7 +108,7 @@ def target_arch() -> int:
         return TARGET_ARCH
     import torch
 
-    if not torch.cuda.is_available():
+    if interpreting() or not torch.cuda.is_available():
         return 90
     return _device_plan(torch.cuda.current_device())
 
@@ -119,7 +119,7 @@ def _device_plan(index: int) -> int:
 
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:
-        raise RuntimeError(f"rollingq's Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); "
+        raise NotImplementedError(f"rollingq's Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); "
                            f"cuda:{index} ({torch.cuda.get_device_name(index)}) is {major}.{minor}")
     shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
     return 90 if major >= 9 and (shared is None or shared >= HOPPER_PLAN_MIN_SHARED) else 80

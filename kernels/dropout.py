@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_LOCK
+from . import common
 from .grid import launch_grid
 
 KEEP_BITS = 16
@@ -94,6 +94,6 @@ def keep_mask(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: f
     if out.numel():
         grid = launch_grid(triton.cdiv(Lq, 32) * triton.cdiv(Lk, 32), 1, H, B)
         # Triton launches on the current device: make it the seed's (e.g. cuda:1), as the ops do.
-        with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext(), LAUNCH_LOCK:
+        with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext(), common.LAUNCH_LOCK:
             _keep_mask_kernel[grid](seed, out, H, Lq, Lk, threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return out.view(torch.bool)

@@ -72,7 +72,8 @@ def test_concurrent_calls_equal_sequential_ones():
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a launch never returned (deadlock?)"
     assert not errors, errors
     for w, g in zip(want, got):
         for a, b in zip(w, g):
