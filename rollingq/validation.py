@@ -241,7 +241,7 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
     if check_values and attn_mask.is_floating_point() and attn_mask.numel() and readable(attn_mask):
         # The max alone, compared as a Python float: no mask-sized temporary (a broadcast view stays
         # uncopied), NaN carries through it, and float16's +inf is not mistaken for MAX_BIAS.
-        _require(checked_values.get(attn_mask, "bias", lambda t: float(t.amax()) <= MAX_BIAS),
+        _require(checked_values.get(attn_mask, "bias", lambda t: float(t.detach().amax()) <= MAX_BIAS),
                  f"attn_mask must not hold NaN or values above {MAX_BIAS:g} (+inf among them; -inf hides a key)")
 
 
