@@ -31,7 +31,7 @@ in the element type (`Q.dtype.element_ty`), so the interpreter's fp16 tests cove
 
 Head dims: each kernel holds its resident tiles (K/V for dK/dV, Q/dO for dQ) across its loop while
 D <= DKDV_MAX_RESIDENT_D / DQ_MAX_RESIDENT_D (256 for 16-bit inputs on Hopper, NARROW_MAX_RESIDENT_D
-= 128 for fp32 and pre-Hopper cards; D padded to a power of two under masks). Beyond that the kernel
+= 128 for fp32 and on the Ampere plan; D padded to a power of two under masks). Beyond that the kernel
 takes the split path: the full-D reductions q'.k and do.v loop over SPLIT_D_CHUNK-wide chunks
 reloaded every step, and each program owns a SPLIT_DKDV_CHUNK / SPLIT_DQ_CHUNK-wide slice of its
 outputs (a grid dimension over D chunks). When one dq slice covers the whole head the rotation
@@ -71,10 +71,10 @@ from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 DKDV_MAX_RESIDENT_D = 256  # dK/dV: larger heads take the split path (tests lower it)
 DQ_MAX_RESIDENT_D = 256  # dQ: larger heads take the split path (tests lower it)
-NARROW_MAX_RESIDENT_D = 128  # both kernels, for fp32 inputs and pre-Hopper cards
+NARROW_MAX_RESIDENT_D = 128  # both kernels, for fp32 inputs and the Ampere plan (common.target_arch)
 SPLIT_D_CHUNK = 64  # D chunk of the full-D reductions (q'.k, do.v) on the split path
 SPLIT_DKDV_CHUNK = 256  # dk/dv columns owned by one program on the split path
-SPLIT_DKDV_CHUNK_NARROW = 128  # the same for fp32 inputs and pre-Hopper cards
+SPLIT_DKDV_CHUNK_NARROW = 128  # the same for fp32 inputs and the Ampere plan
 SPLIT_DQ_CHUNK = 256  # dq columns owned by one program on the split path (fp16/bf16)
 SPLIT_DQ_CHUNK_IEEE = 64  # the same for fp32 inputs (FMA dots: a 256-wide fp32 tile spills)
 # dQ's wide split (Hopper, 16-bit, heads up to WIDE_MAX_D, a config choice): two programs share the
@@ -665,7 +665,7 @@ def _plan(d: int, max_resident: int, split_chunk: int) -> Tuple[bool, int, int, 
 
 
 def _narrow(ieee: bool) -> bool:
-    """fp32 inputs (FMA dots) and pre-Hopper cards have less room for resident tiles."""
+    """fp32 inputs (FMA dots) and the Ampere plan's cards have less room for resident tiles."""
     return ieee or target_arch() < 90
 
 

@@ -41,12 +41,12 @@ from .tiles import WIDE_CHUNK, WIDE_MAX_D, load_chunk, store_chunk, wide_accumul
 from .tma import enabled_by_default, ensure_scratch_allocator, tma_ready
 
 MAX_SINGLE_D = 256  # larger heads take the D-split path (tests lower it to reach that branch)
-MAX_SINGLE_D_PRE_HOPPER = 128  # before sm_90 even D 256 spills registers in one program
+MAX_SINGLE_D_PRE_HOPPER = 128  # the Ampere plan (every card without Hopper's plan): D 256 spills in one program
 SPLIT_D_CHUNK = 64  # D chunk of the score loop (q'.k over D) on the D-split path
 # Output columns per program on the D-split path: each program recomputes the full-D scores, so
 # wider output chunks mean fewer recomputations (D 768: 3 programs at 256 instead of 6 at 128).
 SPLIT_DV_CHUNK = 256
-SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and pre-Hopper cards: 256 wide spills
+SPLIT_DV_CHUNK_NARROW = 128  # fp32 (FMA dots) and the Ampere plan: 256 wide spills
 # The wide variant of the split (Hopper, 16-bit, heads up to WIDE_MAX_D): Q stays resident as up
 # to 6 WIDE_CHUNK-wide tiles and two programs share the output (3 chunks each), so the scores are
 # computed twice instead of three times at D 768; the autotuner picks it or the plain split.
