@@ -82,6 +82,14 @@ def spill_rows(tables: dict, extras: list, arch: int) -> dict:
     return rows
 
 
+def on_device_of(t):
+    """Triton launches on the current CUDA device: make it `t`'s (e.g. cuda:1 while the current
+    device is cuda:0), as PyTorch's own ops do. A no-op for CPU tensors (the interpreter)."""
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def new_buffer(shape, device, dtype):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
     tests swap in NaN-filled buffers, so an unwritten element fails them."""
@@ -119,8 +127,8 @@ def _device_plan(index: int) -> int:
 
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:
-        raise NotImplementedError(f"rollingq's Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); "
-                           f"cuda:{index} ({torch.cuda.get_device_name(index)}) is {major}.{minor}")
+        raise NotImplementedError(f"rollingq's Triton kernels need a GPU of compute capability 8.0 or newer "
+                                  f"(Ampere); cuda:{index} ({torch.cuda.get_device_name(index)}) is {major}.{minor}")
     shared = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
     return 90 if major >= 9 and (shared is None or shared >= HOPPER_PLAN_MIN_SHARED) else 80
 

@@ -15,8 +15,6 @@ does. So p_drop acts as rounded to a multiple of 2**-16 (below 2**-17 nothing is
 the scale is the one asked for: the expected output is off by under 1e-4 for p_drop up to 0.9,
 by 0.7% at 0.999.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -93,7 +91,6 @@ def keep_mask(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: f
     out = torch.empty((B, H, Lq, Lk), device=seed.device, dtype=torch.int8)
     if out.numel():
         grid = launch_grid(triton.cdiv(Lq, 32) * triton.cdiv(Lk, 32), 1, H, B)
-        # Triton launches on the current device: make it the seed's (e.g. cuda:1), as the ops do.
-        with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext(), common.LAUNCH_LOCK:
+        with common.on_device_of(seed), common.LAUNCH_LOCK:
             _keep_mask_kernel[grid](seed, out, H, Lq, Lk, threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return out.view(torch.bool)

@@ -3,19 +3,14 @@
 Registering them as ops (rather than a bare autograd.Function) lets `torch.compile(fullgraph=True)`
 trace models that use them: the compiler sees an opaque op with known output shapes.
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .kernels.common import on_device_of  # host-side helpers only: no Triton import
+
 _EMPTY = (0,)
-
-
-def _device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:1 while
-    the current device is cuda:0), as PyTorch's own ops do."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("rollingq::attention_fwd", mutates_args=())
@@ -30,7 +25,7 @@ def attention_fwd_op(
     (bool or float, broadcastable to [B, H, Lq, Lk]) is the user's mask (kernels/attn_mask.py)."""
     from .kernels.attention_fwd import rollingq_fwd  # Triton is imported when a kernel first runs
 
-    with _device_of(q):
+    with on_device_of(q):
         out, lse, q_rot, mass, key_sum = rollingq_fwd(
             q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p, seed,
             attn_mask)
@@ -76,7 +71,7 @@ def attention_bwd_op(
     from .kernels.attention_bwd import attention_bwd
 
     mask = None if rot_mask is None else rot_mask.view(torch.bool)
-    with _device_of(q_rot):
+    with on_device_of(q_rot):
         grads = attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed,
                               attn_mask, mask_grad, need_dq, need_dkdv)
     return tuple(q_rot.new_empty(_EMPTY) if g is None else g for g in grads)
