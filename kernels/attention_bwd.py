@@ -258,7 +258,7 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
+@triton.jit(do_not_specialize=["TUNE_DEV", "DETERMINISTIC", "drop_thresh"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
@@ -276,6 +276,7 @@ def _bwd_dkdv_kernel(
     qk_scale,  # softmax scale * log2(e): p is recomputed with exp2
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
+    TUNE_DEV,  # the kind of card (common.tune_device): keyed on; not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / reduction chunk (split path)
@@ -409,7 +410,7 @@ def _dq_rotated_chunk(dq, r_base, offs_dv, dv_ok, c0, dq_ptr, s_dqd, rot_rows, H
              mask=rot_rows[:, None] & e_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
+@triton.jit(do_not_specialize=["TUNE_DEV", "DETERMINISTIC", "drop_thresh"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
@@ -428,6 +429,7 @@ def _bwd_dq_kernel(
     sm_scale, qk_scale,
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
+    TUNE_DEV,  # the kind of card (common.tune_device): keyed on; not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DC: tl.constexpr,
     CAUSAL: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
@@ -646,13 +648,13 @@ def _autotuned(kernel, table, interp_row, key, wide_table=None, spills=None, pre
 
 
 # TMA in the keys: a tile timed on the descriptor path is not reused on the pointer path (a view
-# that tma_ready refuses), whose loads and best tile differ.
+# that tma_ready refuses), whose loads and best tile differ. TUNE_DEV: nor on another kind of card.
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_TABLE, _INTERPRET_DKDV,
-                       ["TUNE_LQ", "TUNE_LK", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT", "IEEE",
-                        "TMA", "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
+                       ["TUNE_LQ", "TUNE_LK", "TUNE_DEV", "GROUP", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "SPLIT",
+                        "IEEE", "TMA", "DETERMINISTIC", "DROPOUT", "MASK"], spills=_DKDV_SPILLS)
 _bwd_dq = _autotuned(_bwd_dq_kernel, _DQ_TABLE, _INTERPRET_DQ,
-                     ["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT", "IEEE",
-                      "TMA", "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
+                     ["TUNE_LQ", "TUNE_LK", "TUNE_DEV", "HEAD_D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "ROTATE", "SPLIT",
+                      "IEEE", "TMA", "DETERMINISTIC", "DROPOUT", "TRIM", "MASK", "MASK_GRAD"],
                      _DQ_WIDE, _DQ_SPILLS, pre_hook=_zero_shared_mask_grad)
 
 
@@ -821,7 +823,7 @@ def attention_bwd(
                 *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                 ids.stride(0), ids.stride(1), *amask_strides,
                 H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-                common.deterministic(),
+                common.tune_device(), common.deterministic(),
                 HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
                 CAUSAL=bool(causal), SPLIT=split, IEEE=ieee, TMA=tma_dkdv and not split, DROPOUT=dropout, MASK=mask_kind,
                 OFFS64=int64_offsets(q_rot, k, v, do, dk, dv, *mask_slices(amask, mask_kind)),
@@ -845,7 +847,7 @@ def attention_bwd(
                 *q_rot.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 ids.stride(0), ids.stride(1), rm.stride(0), rm.stride(1), *amask_strides,
                 H, Lq, Lk, group, float(scale), qk_scale, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
-                common.deterministic(),
+                common.tune_device(), common.deterministic(),
                 HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc,
                 CAUSAL=bool(causal), ROTATE=in_kernel_rot, DROPOUT=dropout, TRIM=trim, MASK=mask_kind, MASK_GRAD=grad_mode,
                 SPLIT=split, IEEE=ieee, ROT_CHUNK=_rot_chunk(block_dv, ieee),

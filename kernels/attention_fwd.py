@@ -196,13 +196,14 @@ def _weights(p, p_dt, seed, bh, offs_m, start_n, drop_thresh, DROPOUT: tl.conste
 
 @triton.autotune(
     configs=_configs(),
-    # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it.
-    key=["TUNE_LQ", "TUNE_LK", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA",
+    # Lengths by bucket (common.tune_length); TMA because the pruner offers other rows with it;
+    # the kind of card (common.tune_device), since Triton's own key does not hold the device.
+    key=["TUNE_LQ", "TUNE_LK", "TUNE_DEV", "HEAD_D", "BLOCK_DV", "CAUSAL", "ROTATE", "STATS", "SPLIT", "IEEE", "TMA",
          "DETERMINISTIC", "DROPOUT", "TRIM", "MASK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # drop_thresh: any p compiles to one kernel (a divisible-by-16 hint would split them, unchecked).
-@triton.jit(do_not_specialize=["DETERMINISTIC", "drop_thresh"])
+@triton.jit(do_not_specialize=["TUNE_DEV", "DETERMINISTIC", "drop_thresh"])
 def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
@@ -219,6 +220,7 @@ def _rollingq_fwd_kernel(
     qk_scale,  # softmax scale * log2(e): the loop works in base 2
     drop_thresh, drop_scale,  # dropout (kernels/dropout.py): keep threshold, 1 / (1 - p)
     TUNE_LQ, TUNE_LK,  # the lengths' autotuning buckets (kernels/common.tune_length); not read
+    TUNE_DEV,  # the kind of card (common.tune_device): keyed on; not read
     DETERMINISTIC,  # common.deterministic(): keyed and pruned on; not read
     HEAD_D: tl.constexpr,  # true head dim
     BLOCK_D: tl.constexpr,  # power of two >= HEAD_D (single path) / D chunk of the score loop (split path)
@@ -560,7 +562,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             rm.stride(0), rm.stride(1), ids.stride(0), ids.stride(1), *amask_strides,
             H, Lq, Lk, num_modalities, group, workers,
-            scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk), common.deterministic(),
+            scale * 1.4426950408889634, *drop_args, common.tune_length(Lq), common.tune_length(Lk),
+            common.tune_device(), common.deterministic(),
             HEAD_D=D, BLOCK_D=block_d, BLOCK_DV=block_dv, NUM_DC=num_dc, MP=mp,
             CAUSAL=causal, ROTATE=rotate, STATS=stats, SAVE_QROT=bool(save_qrot and rotate), DROPOUT=dropout_p > 0,
             TRIM=trim, MASK=mask_kind,

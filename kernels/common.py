@@ -31,6 +31,31 @@ def tune_length(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+def tune_device() -> int:
+    """The kind of card the autotuners key on (the kernels' TUNE_DEV argument), so that a tile timed
+    on one kind is reused only on that kind. Triton's key holds the arguments, not the device: in one
+    process with two kinds of card (an A100 beside an RTX 4090, both on the Ampere plan, with 163 KB
+    and 99 KB of shared memory) the A100's pick would be launched on the 4090 and could fail there
+    with OutOfResources. Kinds are numbered in order of first use; 0 off CUDA (the interpreter)."""
+    import torch
+
+    if interpreting() or not torch.cuda.is_available():
+        return 0
+    return _device_kind(torch.cuda.current_device())
+
+
+_KINDS: dict = {}  # (name, capability, opt-in shared memory, SMs) -> number
+
+
+@functools.lru_cache(maxsize=None)
+def _device_kind(index: int) -> int:
+    import torch
+
+    p = torch.cuda.get_device_properties(index)
+    kind = (p.name, p.major, p.minor, getattr(p, "shared_memory_per_block_optin", None), p.multi_processor_count)
+    return _KINDS.setdefault(kind, len(_KINDS))
+
+
 def deterministic() -> int:
     """1 under torch.use_deterministic_algorithms(True), else 0: the kernels' DETERMINISTIC argument,
     which the autotuners key on and prune by (one fixed config: timing may pick another tile from run

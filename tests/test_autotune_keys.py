@@ -299,3 +299,42 @@ def test_plan_follows_the_card(monkeypatch, cap, shared, plan):
         assert common.target_arch() == 90
     finally:
         common._device_plan.cache_clear()
+
+
+def test_a_pick_is_reused_only_on_its_kind_of_card(monkeypatch):
+    """Triton's autotune key holds the arguments, not the device: in a process with an A100 and an
+    RTX 4090 (one plan, 163 KB and 99 KB of shared memory) a tile timed on the first must not be
+    launched on the second. Two cards of one kind share their picks."""
+    from types import SimpleNamespace
+
+    from rollingq.kernels import common
+
+    cards = [((8, 0), "NVIDIA A100-SXM4-80GB", 163 * 1024, 108), ((8, 9), "NVIDIA GeForce RTX 4090", 99 * 1024, 128),
+             ((8, 0), "NVIDIA A100-SXM4-80GB", 163 * 1024, 108)]
+    current = [0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cards[current[0] if i is None else i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: SimpleNamespace(
+        name=cards[i][1], major=cards[i][0][0], minor=cards[i][0][1], shared_memory_per_block_optin=cards[i][2],
+        multi_processor_count=cards[i][3]))
+    saved_kinds = dict(common._KINDS)
+    common._KINDS.clear()
+    common._device_kind.cache_clear()
+    common._device_plan.cache_clear()
+    try:
+        keys = []
+        for index in range(3):
+            current[0] = index
+            keys.append(autotune_keys(256, 256))
+        for name in keys[0]:
+            assert keys[0][name] != keys[1][name], name
+            assert keys[0][name] == keys[2][name], name
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert common.tune_device() == 0
+    finally:
+        common._KINDS.clear()
+        common._KINDS.update(saved_kinds)
+        common._device_kind.cache_clear()
+        common._device_plan.cache_clear()
