@@ -3,6 +3,7 @@ import contextlib
 import functools
 import os
 import threading
+import zlib
 
 # Every kernel launch holds this lock. Triton's Autotuner keeps each call's arguments on the kernel
 # object (`self.nargs`) while it builds the key, prunes, times and pre-hooks a config, so two
@@ -36,15 +37,13 @@ def tune_device() -> int:
     on one kind is reused only on that kind. Triton's key holds the arguments, not the device: in one
     process with two kinds of card (an A100 beside an RTX 4090, both on the Ampere plan, with 163 KB
     and 99 KB of shared memory) the A100's pick would be launched on the 4090 and could fail there
-    with OutOfResources. Kinds are numbered in order of first use; 0 off CUDA (the interpreter)."""
+    with OutOfResources. A checksum of the card's properties, the same in every run (the on-disk
+    autotune cache, TRITON_CACHE_AUTOTUNING=1, keys on it too); 0 off CUDA (the interpreter)."""
     import torch
 
     if interpreting() or not torch.cuda.is_available():
         return 0
     return _device_kind(torch.cuda.current_device())
-
-
-_KINDS: dict = {}  # (name, capability, opt-in shared memory, SMs) -> number
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +52,7 @@ def _device_kind(index: int) -> int:
 
     p = torch.cuda.get_device_properties(index)
     kind = (p.name, p.major, p.minor, getattr(p, "shared_memory_per_block_optin", None), p.multi_processor_count)
-    return _KINDS.setdefault(kind, len(_KINDS))
+    return zlib.crc32(repr(kind).encode()) & 0x7FFFFFFF  # 31 bits: an i32 argument, as every other value
 
 
 def deterministic() -> int:

@@ -319,8 +319,6 @@ def test_a_pick_is_reused_only_on_its_kind_of_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: SimpleNamespace(
         name=cards[i][1], major=cards[i][0][0], minor=cards[i][0][1], shared_memory_per_block_optin=cards[i][2],
         multi_processor_count=cards[i][3]))
-    saved_kinds = dict(common._KINDS)
-    common._KINDS.clear()
     common._device_kind.cache_clear()
     common._device_plan.cache_clear()
     try:
@@ -334,7 +332,5 @@ def test_a_pick_is_reused_only_on_its_kind_of_card(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert common.tune_device() == 0
     finally:
-        common._KINDS.clear()
-        common._KINDS.update(saved_kinds)
         common._device_kind.cache_clear()
         common._device_plan.cache_clear()
