@@ -25,6 +25,10 @@ _SUM_SHAPES = {
     "cos_n": lambda H, Hkv, M, D: (M,),                # samples counted in cos_sum[:, m]
     "mass_sum": lambda H, Hkv, M, D: (H, M + 1),       # fusion rows' attention mass, last = fusion
     "samples": lambda H, Hkv, M, D: (1,),              # samples observed
+    # > 0: the head rotated (by the other accumulator's decision) after samples were summed here, so
+    # its query and cosine sums mix two rotations and it does not rotate from them. A sum, so that
+    # the all-reduce gives every rank the same answer even where only some ranks had samples.
+    "stale": lambda H, Hkv, M, D: (H,),
 }
 
 
@@ -43,7 +47,8 @@ class RollingQ:
     Args:
         layers: one RollingQAttention or a sequence of them. Each gets `layer.controller = self`.
         beta: trigger threshold; a head rotates when max(c) - min(c) > beta (|AIR| for M = 2).
-        sigma: sharpness of the balanced target's weights softmax(-2 sigma c); 0 = equal weights.
+        sigma: sharpness of the balanced target's weights softmax(-2 sigma c): sigma > 0 gives the
+            less-attended modality (lower c) more weight, sigma < 0 the favoured one; 0 = equal weights.
         max_rotations: how many times each head may rotate in total (each head of each layer
             keeps its own count, as each has its own fusion query; the paper's single head: the
             layer's).
@@ -69,7 +74,9 @@ class RollingQ:
     Two accumulators keep the two decisions apart: the epoch one (the epoch's last `epoch_window`
     steps, or `full_pass`), read and reset by `epoch_end()`, and the step one (the `window` steps before
     each `every_n_steps` decision), read and reset by that decision. A batch in both windows counts
-    in both, so a step decision never takes the samples of the epoch-end decision.
+    in both, so a step decision never takes the samples of the epoch-end decision. A head that one
+    decision rotates does not rotate again from the other accumulator's samples summed before that
+    rotation (the record lists it in `stale_heads`): they hold its queries as they were before.
     """
 
     def __init__(self, layers, beta: float = 0.0, sigma: float = 0.0, max_rotations: int = 1,
@@ -326,8 +333,12 @@ class RollingQ:
         # "epoch": the epoch the decision falls in (epoch_end calls before it), "decision": its index.
         record: Dict[str, Any] = {"epoch": self.epoch, "decision": self.decisions, "step": self.global_step,
                                   "layers": []}
+        other = self._sums if step else self._step_sums
         for i, (layer, s) in enumerate(zip(self.layers, sums)):
-            record["layers"].append(self._decide_layer(i, layer, s))
+            rec = self._decide_layer(i, layer, s)
+            record["layers"].append(rec)
+            if rec["rotated"] and other[i] is not None:
+                other[i]["stale"] += torch.tensor(rec["rotated_heads"], dtype=torch.float64, device=other[i]["stale"].device)
         self.decisions += 1
         # Only the accumulator just read: the other window's samples stay for its own decision.
         if step:
@@ -343,9 +354,10 @@ class RollingQ:
     def _decide_layer(self, i: int, layer, s: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         H, Hkv = layer.num_heads, layer.kv_heads
         samples = int(s["samples"].item())
+        stale = s["stale"] > 0  # [H]: rotated since these sums began (see _SUM_SHAPES)
         rec: Dict[str, Any] = {"layer": i, "samples": samples, "rotated": False,
                                "rotated_heads": [False] * H, "rotations": self.rotations[i],
-                               "head_rotations": list(self.head_rotations[i])}
+                               "head_rotations": list(self.head_rotations[i]), "stale_heads": stale.tolist()}
         if samples == 0:
             return rec
         c = s["cos_sum"] / s["cos_n"]  # [H, M]; NaN for a modality never seen
@@ -353,7 +365,9 @@ class RollingQ:
         kbar = s["key_mean_sum"] / s["key_n"][:, None]  # [Hkv, M, D]
         qbar = s["query_sum"] / samples  # [H, D]
         kbar_h = kbar.repeat_interleave(H // Hkv, dim=0)  # [H, M, D]
-        finite = torch.isfinite(c).all(-1) & torch.isfinite(kbar_h).all(-1).all(-1)
+        # A modality whose mean key is exactly 0 has no direction to balance toward.
+        finite = (torch.isfinite(c).all(-1) & torch.isfinite(kbar_h).all(-1).all(-1)
+                  & (torch.linalg.vector_norm(kbar_h, dim=-1) > 0).all(-1))
         c_safe = torch.where(finite[:, None], c, torch.zeros_like(c))
         t, w = balanced_target(torch.where(finite[:, None, None], kbar_h, torch.zeros_like(kbar_h)),
                                qbar, c_safe, self.sigma)
@@ -368,7 +382,7 @@ class RollingQ:
         qn = torch.linalg.vector_norm(qbar, dim=-1)
         tn = torch.linalg.vector_norm(t, dim=-1)
         left = torch.tensor([n < self.max_rotations for n in self.head_rotations[i]], device=qn.device)
-        heads = finite & (spread > self.beta) & (qn > 0) & (tn > 0) & left
+        heads = finite & (spread > self.beta) & (qn > 0) & (tn > 0) & left & ~stale.to(qn.device)
         if not bool(heads.any()):
             return rec
         make = plane_rotation if self.rotation == "plane" else svd_rotation
@@ -426,6 +440,8 @@ class RollingQ:
                     sums.append(None)
                     continue
                 ref = self._zero_sums(layer, layer.rotation.device)
+                s = dict(s)
+                s.setdefault("stale", ref["stale"])  # saved before stale heads were tracked
                 if set(s) != set(ref) or any(tuple(s[k].shape) != tuple(ref[k].shape) for k in ref):
                     raise ValueError(f"state['{key}'] does not match the layers' shapes")
                 sums.append({k: s[k].detach().to(device=ref[k].device, dtype=torch.float64).clone() for k in ref})

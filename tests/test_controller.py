@@ -500,3 +500,55 @@ def test_unknown_epoch_length_collects_every_step_for_the_epoch_end():
     again = RollingQ(layer, window=2, every_n_steps=4, max_rotations=0, logger=lambda r: None)
     again.load_state_dict(ctrl.state_dict())
     assert not again.collecting and (again.step(), again.step(), again.collecting)[2]
+
+
+def test_a_head_rotated_by_one_decision_does_not_rotate_from_the_other_accumulators_older_samples():
+    """The step decision at step 4 rotates; the epoch accumulator holds the same steps' queries as
+    they were before that rotation, so epoch_end must not rotate from them again (with a budget
+    left it did: the same turn twice). Samples summed after the rotation rotate as before."""
+    gen = torch.Generator().manual_seed(31)
+    layer = make_layer(H=2)
+    records = []
+    ctrl = RollingQ(layer, window=2, every_n_steps=4, max_rotations=3, logger=records.append)
+    ctrl.begin_epoch(4)
+    for _ in range(4):
+        if ctrl.collecting:
+            feed(ctrl, layer, [scripted_batch(layer, 3, gen)])
+        ctrl.step()
+    assert records[-1]["layers"][0]["rotated_heads"] == [True, True]
+    after_step = layer.rotation.clone()
+    rec = ctrl.epoch_end()["layers"][0]
+    assert rec["samples"] == 6 and rec["stale_heads"] == [True, True]
+    assert not rec["rotated"] and rec["head_rotations"] == [1, 1]
+    assert torch.equal(layer.rotation, after_step)
+    # epoch_end reset the epoch accumulator: new samples decide again.
+    feed(ctrl, layer, [scripted_batch(layer, 3, gen)])
+    rec = ctrl.epoch_end()["layers"][0]
+    assert rec["stale_heads"] == [False, False] and rec["rotated_heads"] == [True, True]
+    assert rec["head_rotations"] == [2, 2]
+
+
+def test_a_modality_whose_mean_key_is_zero_gives_no_target():
+    gen = torch.Generator().manual_seed(32)
+    layer = make_layer(H=2)
+    ctrl = RollingQ(layer, max_rotations=1, logger=lambda r: None)
+    q, st = scripted_batch(layer, 4, gen)
+    st.key_sum[:, :, 1] = 0  # modality 1 present, its keys' sum exactly zero
+    feed(ctrl, layer, [(q, st)])
+    rec = ctrl.epoch_end()["layers"][0]
+    assert not rec["rotated"] and rec["head_rotations"] == [0, 0]
+    assert torch.equal(layer.rotation, torch.eye(8).expand(2, 8, 8))
+
+
+def test_a_state_saved_before_stale_heads_were_tracked_loads():
+    gen = torch.Generator().manual_seed(33)
+    layer = make_layer(H=2)
+    ctrl = RollingQ(layer, max_rotations=1, logger=lambda r: None)
+    feed(ctrl, layer, [scripted_batch(layer, 4, gen)])
+    state = ctrl.state_dict()
+    state["sums"] = [{k: v for k, v in state["sums"][0].items() if k != "stale"}]
+    layer2 = make_layer(H=2)
+    ctrl2 = RollingQ(layer2, max_rotations=1, logger=lambda r: None)
+    ctrl2.load_state_dict(state)
+    heads = [c.epoch_end()["layers"][0]["rotated_heads"] for c in (ctrl, ctrl2)]
+    assert heads == [[True, True], [True, True]]
