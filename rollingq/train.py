@@ -266,6 +266,16 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, world: int, 
     return loader, sampler
 
 
+def full_pass_loader(dataset, batch_size: int, world: int, rank: int):
+    """This rank's batches of the full pass: positions rank, rank + world, ..., so that over all ranks
+    every sample counts exactly once and the pass's means are the dataset's (a DistributedSampler
+    pads the shards to equal length with repeated samples). Ranks may get different batch counts:
+    the pass's forwards are not collective; the controller sums over ranks afterwards."""
+    positions = list(range(rank, len(dataset), world))
+    batches = torch.utils.data.BatchSampler(positions, batch_size, drop_last=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, num_workers=0)
+
+
 def _to(batch, device):
     xs, y, corrupt = batch
     return tuple(x.to(device, non_blocking=True) for x in xs), y.to(device), corrupt
@@ -516,7 +526,7 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
         ctrl_rec = None
         if controller is not None:
             if cfg.full_pass:
-                eval_loader, _ = make_loader(train_set, 256, False, cfg.seed, world, rank)
+                eval_loader = full_pass_loader(train_set, 256, world, rank)
                 controller.full_pass(model, eval_loader, lambda m, b: m(_to(b, device)[0]))
             ctrl_rec = controller.epoch_end()
         ev = evaluate(model, data, device)

@@ -399,3 +399,22 @@ def test_resume_with_step_decisions_keeps_the_step_window_across_epochs(tmp_path
     resumed = run(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
     strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
     assert strip(resumed) == strip(full) and full[-1]["rotations"] == 3
+
+
+def test_full_pass_shards_count_every_sample_once():
+    """Over the ranks, the full pass sees each training sample exactly once (a DistributedSampler
+    would repeat up to world - 1 of them to even out the shards), so its means are the dataset's."""
+    class Positions(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.as_tensor(index)
+
+    for world in (1, 3, 4, 12):
+        seen = [int(i) for rank in range(world) for batch in train.full_pass_loader(Positions(), 3, world, rank)
+                for i in batch]
+        assert sorted(seen) == list(range(10)), world
+    data = make_synthetic(SyntheticSpec(n_train=10, n_test=2), seed=0)
+    (xs, y, corrupt), = list(train.full_pass_loader(data.dataset(0), 16, 1, 0))
+    assert len(y) == 10 and all(x.shape[0] == 10 for x in xs)
