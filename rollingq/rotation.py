@@ -113,7 +113,9 @@ def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Returns:
         R: [..., D, D] in the inputs' dtype, orthogonal with det +1, R @ x/|x| = y/|y|. Unlike
-        `plane_rotation` it moves the rest of the space in an arbitrary (LAPACK-dependent) way.
+        `plane_rotation` it moves the rest of the space in an arbitrary (LAPACK-dependent) way, which
+        need not be continuous: inputs that differ by rounding (sums taken in another order, as over
+        another number of processes) can give rotations far apart that both map x to y.
     """
     _check_pair(x, y)
     dtype = _out_dtype(x, y)
