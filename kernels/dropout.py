@@ -12,8 +12,9 @@ the same mask, and a captured CUDA graph draws a new seed at each replay.
 A probability is kept when its number is >= round(p_drop * 2**16): an integer compare, no float
 conversion. Kept probabilities are scaled by 1 / (1 - p_drop), as torch.nn.functional.dropout
 does. So p_drop acts as rounded to a multiple of 2**-16 (below 2**-17 nothing is dropped) while
-the scale is the one asked for: the expected output is off by under 1e-4 for p_drop up to 0.9,
-by 0.7% at 0.999.
+the scale is the one asked for: the expected output is off by at most 2**-17 / (1 - p_drop), under
+1e-4 for p_drop up to 0.9, 0.8% at 0.999, 7% at 0.9999; from 1 - 2**-17 on nothing would be kept,
+and such a p_drop is refused (rollingq.validation.MAX_DROPOUT).
 """
 import torch
 import triton
@@ -33,8 +34,8 @@ def threshold(dropout_p: float) -> int:
 def launch_args(dropout_p: float, seed, device) -> tuple:
     """(threshold, 1 / (1 - dropout_p)): the kernels' dropout arguments, after checking that a
     dropout has its seed, an int64 [1] tensor on the tensors' device."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0 or threshold(dropout_p) >= 1 << KEEP_BITS:
+        raise ValueError(f"dropout_p must be in [0, 1 - 2^-17) (16-bit draws would keep nothing), got {dropout_p!r}")
     if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1
                               and seed.device == torch.device(device)):
         raise ValueError(f"seed must be an int64 tensor of one element on {device} when dropout_p > 0, got "
@@ -88,9 +89,12 @@ def keep_mask(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: f
     call's seed is the next `rollingq.functional.dropout_seed(device)` draw, so after
     `torch.manual_seed(s)` a call and `keep_mask(dropout_seed(device), ...)` see the same mask.
     Runs the kernels: CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed must be an int64 tensor of one element, got {type(seed).__name__}")
+    thresh, _ = launch_args(dropout_p, seed, seed.device)
     out = torch.empty((B, H, Lq, Lk), device=seed.device, dtype=torch.int8)
     if out.numel():
         grid = launch_grid(triton.cdiv(Lq, 32) * triton.cdiv(Lk, 32), 1, H, B)
         with common.on_device_of(seed), common.LAUNCH_LOCK:
-            _keep_mask_kernel[grid](seed, out, H, Lq, Lk, threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
+            _keep_mask_kernel[grid](seed, out, H, Lq, Lk, thresh, BLOCK_M=32, BLOCK_N=32)
     return out.view(torch.bool)

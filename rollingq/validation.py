@@ -245,10 +245,17 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
                  f"attn_mask must not hold NaN or values above {MAX_BIAS:g} (+inf among them; -inf hides a key)")
 
 
+# The kernels keep a probability when its 16-bit draw is >= round(p * 2^16): from p = 1 - 2^-17 on,
+# that threshold is 2^16 and nothing would be kept (every output 0, silently). One limit for every
+# backend, so that a run does not change meaning between CPU and GPU.
+MAX_DROPOUT = 1.0 - 2.0 ** -17
+
+
 def check_dropout(p, name: str = "dropout_p") -> None:
-    """A dropout probability: a real number in [0, 1) (a SymFloat while torch.compile traces)."""
-    if not (_is_real(p) and 0 <= p < 1):
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    """A dropout probability: a real number in [0, 1 - 2^-17) (a SymFloat while torch.compile traces)."""
+    if not (_is_real(p) and 0 <= p < MAX_DROPOUT):
+        raise ValueError(f"{name} must be a number in [0, 1 - 2^-17) (from there on the kernels' 16-bit draws "
+                         f"would drop everything), got {p!r}")
 
 
 def _is_real(x) -> bool:

@@ -101,7 +101,7 @@ def test_mask_statistics():
     for other in (mask[0, 1], mask[1, 0], keep_mask(seed + 1, B, H, L, L, 0.25)[0, 0], mask[0, 0].T):
         assert abs((mask[0, 0] == other).float().mean().item() - agree) < 0.05
     assert threshold(0.25) == 1 << (KEEP_BITS - 2)
-    assert not keep_mask(seed, 1, 1, 8, 8, 1 - 2 ** -24).any() and keep_mask(seed, 1, 1, 8, 8, 0.0).all()
+    assert keep_mask(seed, 1, 1, 8, 8, 0.0).all()  # (a p that would keep nothing is refused: below)
 
 
 def test_dropout_changes_the_output_and_zero_changes_nothing():
@@ -119,13 +119,31 @@ def test_dropout_changes_the_output_and_zero_changes_nothing():
     assert torch.equal(sa.attn_mass, st.attn_mass)
 
 
-@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), True, "0.1", None])
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), True, "0.1", None, 1 - 2 ** -17, 0.999999])
 def test_bad_dropout_p(p):
     q, k, v, ids, _, _ = problem(torch.float32, 1, 1, 1, 8, 16, 15)
     with pytest.raises(ValueError, match="dropout_p"):
         rollingq.rollingq_attention(q, k, v, ids, M, dropout_p=p)
     with pytest.raises(ValueError, match="dropout_p"):
         rollingq_attention_reference(q, k, v, ids, M, dropout_p=p)
+
+
+def test_largest_dropout_still_keeps_and_keep_mask_checks_its_arguments():
+    """Just below 1 - 2^-17 the 16-bit threshold is 2^16 - 1: a probability is kept when its draw is
+    2^16 - 1 (1 in 65536). At 1 - 2^-17 the threshold would be 2^16 and drop every element: refused."""
+    from rollingq.functional import dropout_seed
+    from rollingq.kernels.dropout import keep_mask, threshold
+
+    assert threshold(1 - 2 ** -17 - 1e-9) == 2 ** 16 - 1 and threshold(1 - 2 ** -17) == 2 ** 16
+    seed = dropout_seed(torch.device("cpu"))
+    assert keep_mask(seed, 1, 1, 8, 8, 1 - 2 ** -17 - 1e-9).shape == (1, 1, 8, 8)
+    for bad, err in ((1.5, ValueError), (-0.5, ValueError), (float("nan"), ValueError), (1 - 2 ** -17, ValueError)):
+        with pytest.raises(err, match="dropout_p"):
+            keep_mask(seed, 1, 1, 8, 8, bad)
+    with pytest.raises(ValueError, match="seed"):
+        keep_mask(seed.to(torch.int32), 1, 1, 8, 8, 0.5)
+    with pytest.raises(TypeError, match="seed"):
+        keep_mask(7, 1, 1, 8, 8, 0.5)
 
 
 def test_reference_mask_checked_and_launchers_need_a_seed():
