@@ -26,9 +26,10 @@ from .controller import RollingQ
 from .data import MultimodalData, SyntheticSpec, load_data, make_synthetic
 from .models import MultimodalTransformer
 from .rotation import air_from_cos, key_gap, sample_mean_keys
-from .validation import check_dropout
+from .validation import MAX_MODALITIES, check_dropout
 
 METHODS = ("vanilla", "rollingq", "concat", "sum")
+ATTENTION_METHODS = ("vanilla", "rollingq")  # fuse through RollingQAttention
 ENC_HEADS = 4  # attention heads of each modality encoder (MultimodalTransformer's enc_heads)
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -132,24 +133,31 @@ def _online_windows(cfg: TrainConfig) -> Tuple[int, int]:
     return (0 if cfg.every_n_steps is None else cfg.window), 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where it is None (the help text says what then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    d, spec = TrainConfig(), SyntheticSpec()
     p = argparse.ArgumentParser(prog="python -m rollingq.train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--demo", action="store_true", help="run vanilla and rollingq on a quick CPU setting and "
                    "print a side-by-side table (writes runs/demo-<time>/)")
-    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--method", choices=METHODS, default=d.method, help="fusion method")
     p.add_argument("--data", default=d.data, help="'synthetic' or the path of an .npz feature file")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule with warm-up)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help="sgd: momentum 0.9")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="optimiser weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up, then cosine decay")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the model, the shuffling and the synthetic data")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--beta", type=float, default=d.beta, help="rotate when |AIR| > beta")
-    p.add_argument("--sigma", type=float, default=d.sigma, help="target weights softmax(-2 sigma c)")
+    p.add_argument("--beta", type=float, default=d.beta, help="rotate when max(c) - min(c) > beta (|AIR| for 2 modalities)")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="target weights softmax(-2 sigma c): > 0 favours the less-attended modality")
     p.add_argument("--max-rotations", type=int, default=d.max_rotations,
                    help="rotations each fusion head may make in all")
     p.add_argument("--window", type=int, default=d.window, help="online estimate over the last N steps of an epoch")
@@ -157,15 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(statistics from the last --window steps before each decision)")
     p.add_argument("--full-pass", action="store_true", help="estimate with an eval pass over the training set "
                    "at each epoch end (the official way) instead of the online window")
-    p.add_argument("--rotate", choices=("fusion", "all"), default=d.rotate)
-    p.add_argument("--rotation", choices=("plane", "svd"), default=d.rotation)
+    p.add_argument("--rotate", choices=("fusion", "all"), default=d.rotate, help="which queries the rotation turns")
+    p.add_argument("--rotation", choices=("plane", "svd"), default=d.rotation,
+                   help="plane: the minimal rotation; svd: the official construction")
     p.add_argument("--dim", type=int, default=d.dim, help="model width")
     p.add_argument("--enc-layers", type=int, default=d.enc_layers, help="Transformer layers per modality encoder")
-    p.add_argument("--fusion-heads", type=int, default=d.fusion_heads)
+    p.add_argument("--fusion-heads", type=int, default=d.fusion_heads, help="heads of the fusion attention")
     p.add_argument("--attn-dropout", type=float, default=d.attn_dropout,
                    help="attention dropout of the RollingQAttention fusion layer (training only)")
-    p.add_argument("--n-train", type=int, default=None, help="synthetic: training samples")
-    p.add_argument("--n-test", type=int, default=None, help="synthetic: test samples per subset")
+    p.add_argument("--n-train", type=int, default=None, help=f"synthetic: training samples (default {spec.n_train})")
+    p.add_argument("--n-test", type=int, default=None,
+                   help=f"synthetic: test samples per subset (default {spec.n_test})")
     p.add_argument("--out", default=None, help="run folder (default runs/<method>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -675,6 +685,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data = load_data(cfg.data, seed=cfg.seed)
         except (OSError, ValueError) as e:
             parser.error(str(e))
+        if cfg.method in ATTENTION_METHODS and data.num_modalities > MAX_MODALITIES - 1:
+            parser.error(f"{cfg.data} has {data.num_modalities} modalities; --method {cfg.method} fuses at most "
+                         f"{MAX_MODALITIES - 1} (RollingQAttention's fusion tokens take one more of the kernel's "
+                         f"{MAX_MODALITIES} classes)")
     if cfg.resume:
         path = os.path.join(cfg.out or os.path.join("runs", f"{cfg.method}-s{cfg.seed}"), CHECKPOINT)
         if not os.path.isfile(path):

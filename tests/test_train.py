@@ -188,6 +188,17 @@ def test_cli_parses_and_rejects(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--resume", "--out", str(tmp_path / "nothing")])
     assert "no checkpoint" in capsys.readouterr().err
+    # 16 modalities: the attention methods' fusion tokens would need a 17th class.
+    save_npz(make_synthetic(SyntheticSpec(num_modalities=16, tokens=(2,), signal_tokens=(1,), n_train=8, n_test=1)),
+             tmp_path / "m16.npz")
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(tmp_path / "m16.npz"), "--out", str(tmp_path / "z")])
+    assert "16 modalities; --method rollingq fuses at most 15" in capsys.readouterr().err
+    # --help gives the defaults, the synthetic sizes included.
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "(default 4000)" in help_text and "(default: rollingq)" in help_text and "default: None" not in help_text
 
 
 def test_cosine_warmup_schedule():
