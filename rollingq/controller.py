@@ -338,7 +338,8 @@ class RollingQ:
             rec = self._decide_layer(i, layer, s)
             record["layers"].append(rec)
             if rec["rotated"] and other[i] is not None:
-                other[i]["stale"] += torch.tensor(rec["rotated_heads"], dtype=torch.float64, device=other[i]["stale"].device)
+                stale = other[i]["stale"]
+                stale += torch.tensor(rec["rotated_heads"], dtype=stale.dtype, device=stale.device)
         self.decisions += 1
         # Only the accumulator just read: the other window's samples stay for its own decision.
         if step:

@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up, then cosine decay")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the model, the shuffling and the synthetic data")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--beta", type=float, default=d.beta, help="rotate when max(c) - min(c) > beta (|AIR| for 2 modalities)")
-    p.add_argument("--sigma", type=float, default=d.sigma, help="target weights softmax(-2 sigma c): > 0 favours the less-attended modality")
+    p.add_argument("--beta", type=float, default=d.beta,
+                   help="rotate when max(c) - min(c) > beta (|AIR| for 2 modalities)")
+    p.add_argument("--sigma", type=float, default=d.sigma,
+                   help="target weights softmax(-2 sigma c): > 0 favours the less-attended modality")
     p.add_argument("--max-rotations", type=int, default=d.max_rotations,
                    help="rotations each fusion head may make in all")
     p.add_argument("--window", type=int, default=d.window, help="online estimate over the last N steps of an epoch")
