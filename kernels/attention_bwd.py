@@ -776,7 +776,8 @@ def attention_bwd(
 
     Returns:
         dq [B, H, Lq, D] in q_rot's dtype (gradient w.r.t. the unrotated q); dk, dv [B, Hkv, Lk, D]
-        in k's dtype. All freshly allocated and contiguous; None where not needed. Then d_mask, in
+        in k's dtype. Freshly allocated, in the layouts of out (the forward's q's), k and v
+        (common.new_buffer); None where not needed. Then d_mask, in
         attn_mask's shape and dtype, or None without `mask_grad`.
     """
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:
@@ -813,8 +814,8 @@ def attention_bwd(
 
     dk = dv = dq = None
     if need_dkdv:
-        dk = common.new_buffer((B, Hkv, Lk, D), dev, k.dtype)
-        dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype)
+        dk = common.new_buffer((B, Hkv, Lk, D), dev, k.dtype, like=k)
+        dv = common.new_buffer((B, Hkv, Lk, D), dev, v.dtype, like=v)
         split, block_d, block_dv, num_dc = _dkdv_plan(D, ieee)
         n_dv = triton.cdiv(D, block_dv)
         with common.LAUNCH_LOCK:
@@ -830,7 +831,8 @@ def attention_bwd(
             )
 
     if need_dq or mask_grad:  # dQ also forms the bias gradient
-        dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype)
+        # out has the forward's q's layout (q_rot may be a contiguous rotated copy of q)
+        dq = common.new_buffer((B, H, Lq, D), dev, q_rot.dtype, like=out)
         trim = common.trims_padding(ids)
         split, block_d, block_dv, num_dc = _dq_plan(D, ieee)
         n_dv = triton.cdiv(D, block_dv)
@@ -857,7 +859,8 @@ def attention_bwd(
         if rotate and not in_kernel_rot and need_dq:
             # dq is split over D chunks, so no program held a full dq' row: dq = dq' @ R afterwards,
             # in place for the factored form (no second dq buffer; unrotated rows are not touched).
-            dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation))
+            dq = rotate_rows(dq, rotation.detach(), rot_mask, transpose=True, in_place=is_low_rank(rotation),
+                             keep_layout=True)
     if dmask is not None:  # dense: the broadcast dims' sum (a no-op for a full [B, H, Lq, Lk] mask)
         dmask = (dmask.sum_to_size(attn_mask.shape) if grad_mode == 1 else dmask).to(attn_mask.dtype)
     return dq if need_dq else None, dk, dv, dmask

@@ -507,8 +507,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     the dropped probabilities do not weight v; lse and the statistics are those without dropout.
     attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
     [B, H, Lq, Lk], or None (kernels/attn_mask.py).
-    Returns out [B, H, Lq, D], lse [B, H, Lq] fp32 ([2, B, H, Lq] with a float mask:
-    attn_mask.lse_planes), q_rot [B, H, Lq, D] or None, attn_mass
+    Returns out [B, H, Lq, D] in q's memory layout (common.new_buffer), lse [B, H, Lq] fp32
+    ([2, B, H, Lq] with a float mask: attn_mask.lse_planes), q_rot [B, H, Lq, D] contiguous or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
     B, H, Lq, D = q.shape
@@ -516,6 +516,7 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     group = H // Hkv
     dev = q.device
     arch = target_arch()
+    out = common.new_buffer((B, H, Lq, D), dev, v.dtype, like=q)  # q's layout, as the ops' fake promises
     split = D > _max_single_d(arch)
     rotate = rotation is not None
     if rotate and (split or q.dtype == torch.float32):
@@ -530,7 +531,6 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     if save_qrot:
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
 
-    out = common.new_buffer((B, H, Lq, D), dev, v.dtype)
     lse = common.new_buffer(lse_shape(B, H, Lq, mask_kind), dev, torch.float32)
     lse_arg, rowmax_arg = lse_planes(lse, mask_kind)
     mp = max(16, next_pow2(num_modalities))

@@ -114,11 +114,17 @@ def on_device_of(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def new_buffer(shape, device, dtype):
+def new_buffer(shape, device, dtype, like=None):
     """Every buffer a kernel writes is allocated here, looked up at call time (`common.new_buffer`):
-    tests swap in NaN-filled buffers, so an unwritten element fails them."""
+    tests swap in NaN-filled buffers, so an unwritten element fails them. With `like` (a tensor of
+    that shape) the buffer takes its memory layout as torch.empty_like does: its strides when it is
+    dense, else contiguous. Outputs and gradients follow q, k, v so: a [B, L, H, D] view's gradient
+    lands in its own layout, where a contiguous one would cost autograd a copy."""
     import torch
 
+    if like is not None:
+        assert tuple(like.shape) == tuple(shape), (tuple(like.shape), tuple(shape))
+        return torch.empty_like(like, dtype=dtype, device=device)
     return torch.empty(shape, device=device, dtype=dtype)
 
 

@@ -144,9 +144,9 @@ DENSE_BLOCK_I = 32  # input columns per step
 
 
 def _rotate_dense_rows(x: torch.Tensor, rotation: torch.Tensor, rot_mask: torch.Tensor,
-                       transpose: bool) -> torch.Tensor:
+                       transpose: bool, keep_layout: bool) -> torch.Tensor:
     B, H, L, D = x.shape
-    y = common.new_buffer((B, H, L, D), x.device, x.dtype)
+    y = common.new_buffer((B, H, L, D), x.device, x.dtype, like=x if keep_layout else None)
     mask = rot_mask.view(torch.uint8)
     s_rh, s_ro, s_ri = rotation.stride()
     if transpose:  # x @ R: y[., o] = sum_i x[., i] * R[i, o]
@@ -166,28 +166,33 @@ def _block_d(d: int, block_r: int, use_dot: bool) -> int:
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor, rot_mask: Optional[torch.Tensor],
-           transpose: bool = False, in_place: bool = False) -> torch.Tensor:
+           transpose: bool = False, in_place: bool = False, keep_layout: bool = False) -> torch.Tensor:
     """Rows of x [B, H, L, D] (any strides) times R^T (transpose=True: times R) where rot_mask
     (bool/uint8 [B, L], stride 0 allowed; None: every row) is set, unchanged elsewhere.
 
-    rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new contiguous tensor in
-    x's dtype (the ops' fake implementations promise that layout: Inductor checks it); with in_place
-    (the packed form only, for a buffer the caller owns, e.g. dq) x itself, whose unselected rows
-    are not touched.
+    rotation: float32 dense [H, D, D] or packed [H, 2, D, r]. Returns a new tensor in x's dtype,
+    contiguous (the forward's rotated q, which the ops' fake implementation promises contiguous:
+    Inductor checks it) or with keep_layout in x's layout as torch.empty_like gives it (the
+    backward's dq, which follows q); with in_place (the packed form only, for a buffer the caller
+    owns, e.g. dq) x itself, whose unselected rows are not touched.
     """
     if not is_low_rank(rotation):
         if rot_mask is not None:
-            return _rotate_dense_rows(x, rotation, rot_mask, transpose)
+            return _rotate_dense_rows(x, rotation, rot_mask, transpose, keep_layout)
         # A broadcast matmul: einsum may hand back a permuted layout (batch and heads swapped).
         r = rotation.to(x.dtype)
-        return torch.matmul(x, r if transpose else r.transpose(-1, -2)).contiguous()
+        y = torch.matmul(x, r if transpose else r.transpose(-1, -2))
+        if keep_layout:
+            return common.new_buffer(tuple(x.shape), x.device, x.dtype, like=x).copy_(y) \
+                if y.stride() != torch.empty_like(x, device="meta").stride() else y
+        return y.contiguous()
     B, H, L, D = x.shape
     r = rotation.shape[-1]
     # x @ R^T = x + (x @ right) @ left^T; x @ R = x + (x @ left) @ right^T.
     a, b = (rotation[:, 0], rotation[:, 1]) if transpose else (rotation[:, 1], rotation[:, 0])
     use_dot = r > 8
     block_r = max(DOT_MIN_R, next_pow2(r)) if use_dot else next_pow2(r)
-    y = x if in_place else common.new_buffer((B, H, L, D), x.device, x.dtype)
+    y = x if in_place else common.new_buffer((B, H, L, D), x.device, x.dtype, like=x if keep_layout else None)
     mask = x if rot_mask is None else rot_mask.view(torch.uint8)  # x: a stand-in never read
     s_mb, s_ml = (0, 0) if rot_mask is None else mask.stride()
     with common.LAUNCH_LOCK:

@@ -13,7 +13,9 @@ from .kernels.common import on_device_of  # host-side helpers only: no Triton im
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("rollingq::attention_fwd", mutates_args=())
+# needs_exact_strides: Inductor hands the ops their inputs in the traced layouts, which the outputs
+# follow (out and dq take q's, dk and dv k's and v's: kernels/common.new_buffer).
+@torch.library.custom_op("rollingq::attention_fwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, num_modalities: int,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], causal: bool, scale: float,
@@ -46,7 +48,7 @@ def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, sa
       attn_mask=None):
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
-    out = q.new_empty((B, H, Lq, D), dtype=v.dtype)
+    out = torch.empty_like(q, dtype=v.dtype)  # q's layout when q is dense (kernels/common.new_buffer)
     # [2, B, H, Lq] with a float mask: the kernels keep each row's max and log2 sum apart there
     # (kernels/attn_mask.lse_planes).
     bias = attn_mask is not None and attn_mask.is_floating_point()
@@ -57,7 +59,7 @@ def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, sa
     return out, lse, q_rot, mass, key_sum
 
 
-@torch.library.custom_op("rollingq::attention_bwd", mutates_args=())
+@torch.library.custom_op("rollingq::attention_bwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def attention_bwd_op(
     do: torch.Tensor, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
@@ -80,11 +82,13 @@ def attention_bwd_op(
 @attention_bwd_op.register_fake
 def _(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, rot_mask, dropout_p=0.0, seed=None, attn_mask=None,
       mask_grad=False, need_dq=True, need_dkdv=True):
-    def maybe(t, shape, needed):
-        return t.new_empty(shape) if needed else q_rot.new_empty(_EMPTY)
+    def maybe(make, needed):
+        return make() if needed else q_rot.new_empty(_EMPTY)
 
-    return (maybe(q_rot, q_rot.shape, need_dq), maybe(k, k.shape, need_dkdv), maybe(v, v.shape, need_dkdv),
-            maybe(attn_mask, None if attn_mask is None else attn_mask.shape, mask_grad))
+    # dq, dk, dv in the layouts of out (the forward's q's) and of k and v (kernels/common.new_buffer)
+    return (maybe(lambda: torch.empty_like(out, dtype=q_rot.dtype), need_dq),
+            maybe(lambda: torch.empty_like(k), need_dkdv), maybe(lambda: torch.empty_like(v), need_dkdv),
+            maybe(lambda: attn_mask.new_empty(attn_mask.shape), mask_grad))
 
 
 def _no_double_backward(ctx, *grads):
@@ -102,6 +106,9 @@ def _setup_context(ctx, inputs, output):
     q, k, v, ids, _, rotation, rot_mask, causal, scale, _, save_qrot, dropout_p, seed, attn_mask = inputs
     out, lse, q_rot, mass, key_sum = output
     ctx.mark_non_differentiable(lse, q_rot, mass, key_sum)
+    # Their gradients stay None: materialised, autograd would fill a zero tensor for each, one of
+    # q's size when q_rot is saved, alive through the backward (1 U on its peak memory).
+    ctx.set_materialize_grads(False)
     # Without a saved rotated copy, the queries the forward used are q itself.
     ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
@@ -110,6 +117,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):
     q_used, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask = ctx.saved_tensors
+    if d_out is None:  # not materialised: no gradient reached the output, so none flows back
+        return (None,) * len(ctx.needs_input_grad)
     # a float attn_mask that requires grad (a learned bias); a call may leave the mask out entirely
     mask_grad = len(ctx.needs_input_grad) > 13 and ctx.needs_input_grad[13]
     # Only the kernels whose gradients are wanted run (SDPA's grad_input_mask): frozen keys and

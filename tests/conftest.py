@@ -23,9 +23,9 @@ def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts NaN-filled (kernels/common.new_buffer), so an
     unwritten element fails the test. Modules opt in with pytest.mark.usefixtures."""
     from rollingq.kernels import common
+    from tests.numerics import nan_buffer
 
-    monkeypatch.setattr(common, "new_buffer",
-                        lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+    monkeypatch.setattr(common, "new_buffer", nan_buffer)
 
 
 @pytest.fixture(autouse=True)

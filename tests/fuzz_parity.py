@@ -40,13 +40,11 @@ from rollingq.kernels.dropout import keep_mask  # noqa: E402
 from rollingq.reference import attention_probs, rollingq_attention_reference  # noqa: E402
 from rollingq.rotation import LowRankRotation, low_rank_rotation, plane_rotation  # noqa: E402
 from tests.kernel_paths import force_d_split, force_wide_split  # noqa: E402
-from tests.numerics import assert_bias_grad_close, stats_tol  # noqa: E402
+from tests.numerics import assert_bias_grad_close, nan_buffer, stats_tol  # noqa: E402
 
 
 
-def poisoned_buffer(shape, device, dtype):
-    """Every buffer the kernels write starts NaN-filled: an unwritten element fails its check."""
-    return torch.full(shape, float("nan"), device=device, dtype=dtype)
+poisoned_buffer = nan_buffer  # every buffer the kernels write starts NaN-filled: an unwritten element fails
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 IDS_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,

@@ -1,6 +1,8 @@
 """design.md's parity rule, shared by the kernel tests."""
 import torch
 
+from rollingq.kernels import common
+
 # (B, H, Hkv, Lq, Lk, D, causal) of the CUDA-only parity tests, forward and gradients. Also read by
 # bench/launches.py, which compiles their kernels ahead of the GPU check.
 CUDA_LARGE_SHAPES = [(2, 8, 2, 907, 907, 64, False), (1, 4, 4, 1000, 1000, 128, True),
@@ -33,6 +35,15 @@ def stats_tol(dtype: torch.dtype) -> float:
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
+
+
+_NEW_BUFFER = common.new_buffer  # the library's own, captured before any test swaps it
+
+
+def nan_buffer(shape, device, dtype, like=None) -> torch.Tensor:
+    """kernels.common.new_buffer (its shape and layout rules), NaN-filled: tests swap it in so that
+    an element a kernel leaves unwritten fails them."""
+    return poison_(_NEW_BUFFER(shape, device, dtype, like=like))
 
 
 def assert_bias_grad_close(got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,

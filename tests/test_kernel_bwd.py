@@ -20,6 +20,7 @@ from rollingq.kernels import attention_bwd as bwd  # noqa: E402
 from rollingq.kernels import common  # noqa: E402
 from rollingq.reference import rollingq_attention_reference, rotate_queries  # noqa: E402
 from rollingq.validation import rotate_row_mask  # noqa: E402
+from tests.numerics import nan_buffer  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_MODALITIES = 3
@@ -28,9 +29,7 @@ NUM_MODALITIES = 3
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
-    def nan_empty(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(common, "new_buffer", nan_empty)
+    monkeypatch.setattr(common, "new_buffer", nan_buffer)
 
 
 def _seed(*params) -> int:

@@ -10,7 +10,7 @@ import rollingq
 from rollingq.functional import uses_kernel
 from rollingq.kernels import attention_fwd, common
 from rollingq.reference import rollingq_attention_reference
-from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
+from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, nan_buffer, stats_tol
 
 pytestmark = pytest.mark.kernel
 
@@ -20,10 +20,7 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    def nan_alloc(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(common, "new_buffer", nan_alloc)
+    monkeypatch.setattr(common, "new_buffer", nan_buffer)
 
 
 def random_rotation(h, d, gen):

@@ -14,7 +14,7 @@ from rollingq.functional import uses_kernel
 from rollingq.kernels import attention_bwd, attention_fwd, common, rotate
 from rollingq.reference import rollingq_attention_reference
 from rollingq.rotation import low_rank_rotation, plane_rotation, svd_rotation
-from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, stats_tol
+from tests.numerics import CUDA_LARGE_SHAPES, assert_close_by_rule, nan_buffer, stats_tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -24,8 +24,7 @@ def _gen(*params) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
 
 
-def _nan_new(shape, device, dtype):
-    return torch.full(shape, float("nan"), device=device, dtype=dtype)
+_nan_new = nan_buffer
 
 
 @pytest.fixture
