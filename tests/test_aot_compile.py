@@ -21,7 +21,17 @@ def run_bench_script(script: str, *args: str, timeout: int = 300, **env_extra: s
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("arch, dtypes", [("90", "fp16,bf16,fp32"), ("80", "fp16,bf16")])
+# fp16 builds the kernels bf16 builds, but for the element type (and the forward's bf16-only mass
+# branch, which fp16 lacks): half of the cold suite's compile time for little news. make test
+# compiles bf16 (and fp32 for Hopper); ROLLINGQ_FULL_AOT=1 adds fp16, to run after a kernel change
+# (bench/NOTES.md records each such run).
+_FP16 = pytest.mark.skipif(os.environ.get("ROLLINGQ_FULL_AOT") != "1",
+                           reason="fp16 compiles as bf16 does; ROLLINGQ_FULL_AOT=1 runs it")
+
+
+@pytest.mark.parametrize("arch, dtypes", [("90", "bf16,fp32"), ("80", "bf16"),
+                                          pytest.param("90", "fp16", marks=_FP16),
+                                          pytest.param("80", "fp16", marks=_FP16)])
 def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
     out = tmp_path / "reports.json"
     proc = run_bench_script("inspect_kernels.py", "--arch", arch, "--dtypes", dtypes, "--json", str(out), timeout=900)
@@ -40,8 +50,8 @@ def test_every_config_compiles_without_spills(arch, dtypes, tmp_path):
     tight = {g: min(s) // 1024 for g, s in groups.items() if min(s) > SHARED_FLOOR[int(arch)]}
     assert not tight, f"no config within {SHARED_FLOOR[int(arch)] // 1024} KB (KB of the smallest): {tight}"
     if arch == "90":  # Hopper builds must use wgmma, or the kernels leave the tensor cores idle
-        fwd16 = [r for r in reports if r["name"].startswith("fwd") and " bf16 " in r["name"]]
-        assert all(r["hgmma"] > 0 for r in fwd16)
+        fwd16 = [r for r in reports if r["name"].startswith("fwd") and r["name"].split()[1] in ("bf16", "fp16")]
+        assert fwd16 and all(r["hgmma"] > 0 for r in fwd16)
     assert proc.returncode == 0
 
 
