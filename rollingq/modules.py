@@ -12,6 +12,9 @@ from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, ch
 
 __all__ = ["RollingQAttention"]
 
+# The layer's fusion tokens take one more of the kernel's statistics classes, their own.
+MAX_FUSED_MODALITIES = MAX_MODALITIES - 1
+
 
 def _recomputing() -> bool:
     """True while a forward runs inside a backward pass: activation checkpointing recomputing it.
@@ -68,8 +71,8 @@ class RollingQAttention(nn.Module):
         if num_heads % kv_heads:
             raise ValueError(f"kv_heads ({kv_heads}) must divide num_heads ({num_heads})")
         if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) \
-                or not 1 <= num_modalities <= MAX_MODALITIES - 1:
-            raise ValueError(f"num_modalities must be an int in 1..{MAX_MODALITIES - 1} "
+                or not 1 <= num_modalities <= MAX_FUSED_MODALITIES:
+            raise ValueError(f"num_modalities must be an int in 1..{MAX_FUSED_MODALITIES} "
                              f"(the fusion tokens take one more class), got {num_modalities!r}")
         if rotate not in ("fusion", "all"):
             raise ValueError(f"rotate must be 'fusion' or 'all', got {rotate!r}")

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from .controller import RollingQ
 from .data import MultimodalData, SyntheticSpec, load_data, make_synthetic
 from .models import MultimodalTransformer
+from .modules import MAX_FUSED_MODALITIES
 from .rotation import air_from_cos, key_gap, sample_mean_keys
-from .validation import MAX_MODALITIES, check_dropout
+from .validation import check_dropout
 
 METHODS = ("vanilla", "rollingq", "concat", "sum")
 ATTENTION_METHODS = ("vanilla", "rollingq")  # fuse through RollingQAttention
@@ -84,7 +85,7 @@ class TrainConfig:
         # The model splits --dim over the heads: refuse it here, before the run folder exists.
         if self.dim % ENC_HEADS:
             raise ValueError(f"--dim must be a multiple of the encoders' {ENC_HEADS} heads, got {self.dim}")
-        if self.method in ("vanilla", "rollingq") and self.dim % self.fusion_heads:
+        if self.method in ATTENTION_METHODS and self.dim % self.fusion_heads:
             raise ValueError(f"--dim must be a multiple of --fusion-heads ({self.fusion_heads}), got {self.dim}")
         for name in ("n_train", "n_test", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -97,7 +98,7 @@ class TrainConfig:
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         check_dropout(self.attn_dropout, "--attn-dropout")
-        if self.attn_dropout and self.method not in ("vanilla", "rollingq"):
+        if self.attn_dropout and self.method not in ATTENTION_METHODS:
             raise ValueError(f"--attn-dropout applies to attention fusion (vanilla, rollingq), not to "
                              f"--method {self.method}")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
@@ -440,7 +441,7 @@ def _train(cfg: TrainConfig, data: Optional[MultimodalData], device: torch.devic
     M = data.num_modalities
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    fusion = "attention" if cfg.method in ("vanilla", "rollingq") else cfg.method
+    fusion = "attention" if cfg.method in ATTENTION_METHODS else cfg.method
     model = MultimodalTransformer(data.features, data.tokens, data.num_classes, fusion=fusion, dim=cfg.dim,
                                   enc_layers=cfg.enc_layers, enc_heads=ENC_HEADS, fusion_heads=cfg.fusion_heads,
                                   rotate=cfg.rotate,
@@ -687,10 +688,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data = load_data(cfg.data, seed=cfg.seed)
         except (OSError, ValueError) as e:
             parser.error(str(e))
-        if cfg.method in ATTENTION_METHODS and data.num_modalities > MAX_MODALITIES - 1:
+        if cfg.method in ATTENTION_METHODS and data.num_modalities > MAX_FUSED_MODALITIES:
             parser.error(f"{cfg.data} has {data.num_modalities} modalities; --method {cfg.method} fuses at most "
-                         f"{MAX_MODALITIES - 1} (RollingQAttention's fusion tokens take one more of the kernel's "
-                         f"{MAX_MODALITIES} classes)")
+                         f"{MAX_FUSED_MODALITIES} (RollingQAttention's fusion tokens take one more of the kernel's "
+                         f"classes)")
     if cfg.resume:
         path = os.path.join(cfg.out or os.path.join("runs", f"{cfg.method}-s{cfg.seed}"), CHECKPOINT)
         if not os.path.isfile(path):
