@@ -2,12 +2,13 @@
 
 The forward computed, per (batch b, head h), with q' the rotated queries it saved:
     s_ij = scale * q'_i . k_j   on live (ids >= 0) and visible (causal: j <= i) keys,
-    p_ij = exp(s_ij - lse_i),   out_i = sum_j p_ij v_j.
+    p_ij = exp(s_ij - lse_i),   out_i = sum_j p_ij v_j,
+and kept, in base 2, each row's max m_i and log2 of its sum l_i (common.lse_shape).
 The backward never materialises p. Three launches:
   1. `_bwd_preprocess`: delta_i = sum_d do_id * out_id (fp32), the row term of the softmax gradient.
   2. `_bwd_dkdv`: one program per (b, kv head, key block, D chunk). It keeps its K/V tile and the
      dK/dV accumulators on chip, walks the query heads of its GQA group and the query blocks that can
-     see the key block, recomputes p from q', k and lse, and accumulates
+     see the key block, recomputes p = 2^(min(s - m, 0) - log2 l) from q', k, m and l, and accumulates
          dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dk += scale * ds^T q'.
      Summing the group inside the program needs no atomics, so results are deterministic.
   3. `_bwd_dq`: one program per (b, head, query block, D chunk); walks the key blocks and accumulates
@@ -55,7 +56,7 @@ import triton.language as tl
 from . import common
 from .attn_mask import grad_buffer as mask_grad_buffer
 from .attn_mask import grad_plan as mask_grad_plan
-from .attn_mask import kind_of, lse_planes, lse_shape, mask_tile
+from .attn_mask import mask_tile
 from .attn_mask import launch_args as mask_launch_args
 from .attn_mask import offset_slices as mask_slices
 from .common import interpreting, next_pow2, target_arch
@@ -258,11 +259,18 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=m_ok)
 
 
+@triton.jit
+def _below_max(s, row_max):
+    """s - m, at most 0: s recomputed here (another tile shape, another dot order) can round a few
+    ulps above the forward's m, which is 2^1024 in exp2 once |s| nears 1e10. NaN passes through."""
+    return tl.minimum(s - row_max, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit(do_not_specialize=["TUNE_DEV", "DETERMINISTIC", "drop_thresh"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, DK, DV, SEED,
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
-    ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
+    ROWMAX,  # each row's max m (base 2); LSE holds log2(l) (common.lse_shape)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -359,10 +367,9 @@ def _bwd_dkdv_kernel(
                     do_o = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=msk, other=0.0)
                 st = tl.dot(k, tl.trans(q_o), input_precision=prec)
                 dpt = tl.dot(v, tl.trans(do_o), input_precision=prec)
-            # lse = +inf on rows with no live key (and past Lq): p = exp2(s - inf) = 0 there.
-            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-            if MASK == 2:
-                row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
+            # log2 l = +inf on rows with no live key (and past Lq): p = exp2(-inf) = 0 there.
+            log2_l = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             vis = key_ok[:, None] & m_ok[None, :]
             if CAUSAL:
@@ -372,9 +379,7 @@ def _bwd_dkdv_kernel(
                 vis = vis & mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
             if MASK == 2:
                 st = st + mask_tile(amask_base, offs_n, offs_m, n_ok, m_ok, s_an, s_am, MASK)
-                pt = tl.where(vis, tl.exp2((st - row_max[None, :]) - lse[None, :]), 0.0)
-            else:
-                pt = tl.where(vis, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
+            pt = tl.where(vis, tl.exp2(_below_max(st, row_max[None, :]) - log2_l[None, :]), 0.0)
             if DROPOUT:
                 # out used z * p / (1 - p_drop), z the keep mask: dv takes the kept p (rescaled at
                 # the end) and ds = p * (z * dp / (1 - p_drop) - delta); delta = do . out is unchanged.
@@ -415,7 +420,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IDS, ROT, ROWMASK, DQ, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
-    ROWMAX,  # MASK == 2: each row's max (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
+    ROWMAX,  # each row's max m (base 2); LSE holds log2(l) (common.lse_shape)
     DMASK,  # MASK_GRAD: the bias gradient (1: a contiguous [B, H, Lq, Lk] buffer; 2: float32, AMASK's strides)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -483,11 +488,9 @@ def _bwd_dq_kernel(
         dmask_base = DMASK + b * s_ab + h * s_ah
     if MASK_GRAD == 1:
         dmask_base = DMASK + row_base * Lk  # strides from the shape: no arguments (registers, ptxas)
-    if MASK == 2:  # p = exp2((s - m) - log2 l); the row max is 0 where the row is empty (LSE +inf)
-        row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
-        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-    else:
-        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    # p = exp2(min(s - m, 0) - log2 l); log2 l = +inf (m = 0) where the row is empty
+    row_max = tl.load(ROWMAX + row_base + offs_m, mask=m_ok, other=0.0)
+    log2_l = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     if DROPOUT:
         seed = tl.load(SEED)
@@ -544,9 +547,7 @@ def _bwd_dq_kernel(
             vis = vis & mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
         if MASK == 2:
             s = s + mask_tile(amask_base, offs_m, offs_n, m_ok, n_ok, s_am, s_an, MASK)
-            p = tl.where(vis, tl.exp2((s - row_max[:, None]) - lse2[:, None]), 0.0)
-        else:
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(vis, tl.exp2(_below_max(s, row_max[:, None]) - log2_l[:, None]), 0.0)
         if DROPOUT:
             keep = kept(seed, bh, offs_m[:, None], start_n, drop_thresh, BLOCK_M, BLOCK_N)
             ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
@@ -691,7 +692,7 @@ def _pre_blocks(d: int) -> Tuple[int, int]:
     return block, triton.cdiv(d, block)
 
 
-def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask, mask_kind=0) -> None:
+def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask) -> None:
     for name, t in (("do", do), ("q_rot", q_rot), ("k", k), ("v", v), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -709,10 +710,10 @@ def _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask, mask_kind
         raise TypeError(f"q_rot, k, v must share one dtype, got {q_rot.dtype}, {k.dtype}, {v.dtype}")
     if q_rot.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q_rot must be float16, bfloat16 or float32, got {q_rot.dtype}")
-    want = lse_shape(B, H, Lq, mask_kind)
+    want = common.lse_shape(B, H, Lq)
     if tuple(lse.shape) != want or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be a contiguous float32 {list(want)} tensor (the forward's; [2, B, H, Lq] with a "
-                         f"float attn_mask), got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+        raise ValueError(f"lse must be a contiguous float32 {list(want)} tensor (the forward's (log2 l, m) planes), "
+                         f"got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
     if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2 or tuple(ids.shape) != (B, Lk):
         raise ValueError(f"ids must be an int32/int64 [B, Lk] = [{B}, {Lk}] tensor, got {ids.dtype} "
                          f"{tuple(ids.shape)}")
@@ -754,9 +755,9 @@ def attention_bwd(
         q_rot: [B, H, Lq, D] the rotated queries the forward used (q's dtype, any strides).
         k, v: [B, Hkv, Lk, D] (any strides); query head h reads kv head h // (H // Hkv).
         out: [B, H, Lq, D] the forward output.
-        lse: [B, H, Lq] float32 contiguous natural-log sum-exp of the scaled scores; +inf on rows
-            with no live visible key (they get zero gradient). With a float attn_mask [2, B, H, Lq]:
-            log2 of each row's sum and its max in base 2 (kernels/attn_mask.lse_planes).
+        lse: [2, B, H, Lq] float32 contiguous, the forward's row statistics in base 2: log2 of each
+            row's sum l and its max m (common.lse_shape); log2 l = +inf and m = 0 on rows with no
+            live visible key (they get zero gradient).
         ids: int [B, Lk] modality ids, -1 = padding (stride(0) == 0 allowed; a 1-D [Lk] is expanded).
         causal: query i sees keys 0..i (Lq == Lk).
         scale: the softmax scale the forward used.
@@ -782,7 +783,7 @@ def attention_bwd(
     """
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:
         ids = ids.expand(q_rot.shape[0], ids.shape[0])
-    _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask, kind_of(attn_mask))
+    _check(do, q_rot, k, v, out, lse, ids, causal, rotation, rot_mask)
     B, H, Lq, D = q_rot.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -793,7 +794,7 @@ def attention_bwd(
     dropout = dropout_p > 0
     drop_args = dropout_launch_args(dropout_p, seed, dev)
     amask, amask_strides, mask_kind = mask_launch_args(attn_mask, B, H, Lq, Lk, lse)
-    lse, row_max = lse_planes(lse, mask_kind)
+    lse, row_max = common.lse_planes(lse)
     grad_mode = mask_grad_plan(attn_mask, B, H, Lq, Lk, common.deterministic()) if mask_grad else 0
     dmask = mask_grad_buffer(attn_mask, B, H, Lq, Lk, grad_mode) if mask_grad else None
 

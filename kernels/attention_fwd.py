@@ -17,7 +17,7 @@ the output columns, so the scores are computed twice rather than once per output
 chunk is reloaded per key block.
 fp32 inputs and the split path get Q rotated once up front by the launcher (see rollingq_fwd).
 With dropout (DROPOUT) the probabilities that weight V are masked by kernels/dropout.py's draw and
-the output is scaled by 1 / (1 - p) at the end; l, the LSE and the mass use every probability.
+the output is scaled by 1 / (1 - p) at the end; m, l and the mass use every probability.
 A user attention mask (MASK, kernels/attn_mask.py) is read per score tile: a bool one hides
 elements like padding keys do, a float one is added to the scaled scores; both shape the mass too.
 """
@@ -29,7 +29,7 @@ import triton.language as tl
 from . import common
 from .attn_mask import launch_args as mask_launch_args
 from .attn_mask import offset_slices as mask_slices
-from .attn_mask import lse_planes, lse_shape, mask_tile
+from .attn_mask import mask_tile
 from .common import interpreting, next_pow2, target_arch
 from .dropout import kept
 from .dropout import launch_args as dropout_launch_args
@@ -208,7 +208,7 @@ def _rollingq_fwd_kernel(
     Q, K, V, O, LSE, QROT, ROT, ROWMASK, IDS, MASS, KSUM, SEED,
     KV_END,  # TRIM: int32 [B], one past each batch row's last live key (common.live_key_ends)
     AMASK,  # MASK: the user's attention mask, [B, H, Lq, Lk] (stride 0 on broadcast dims; attn_mask.py)
-    ROWMAX,  # MASK == 2: each row's max m (base 2); LSE then holds log2(l) (attn_mask.lse_planes)
+    ROWMAX,  # each row's max m (base 2); LSE holds log2(l) (common.lse_shape)
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -452,13 +452,11 @@ def _rollingq_fwd_kernel(
         tl.store(o_base + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
                  (acc * inv_lv[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     if pid_d == 0:
-        # Natural-log LSE of the scaled scores; +inf marks a row with no live key (p = 0 in backward).
-        if MASK == 2:  # m and log2(l) apart (attn_mask.py): a huge bias would swamp log2(l) in m + log2(l)
-            tl.store(ROWMAX + (b * H + h) * Lq + offs_m, tl.where(empty, 0.0, m_i), mask=m_ok)
-            lse = tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i)))
-        else:
-            lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+        # m and log2(l) apart (common.lse_shape): in m + log2(l) a large m would swamp log2(l).
+        # log2(l) = +inf (m = 0) marks a row with no live key: p = 0 there in the backward.
+        tl.store(ROWMAX + (b * H + h) * Lq + offs_m, tl.where(empty, 0.0, m_i), mask=m_ok)
+        tl.store(LSE + (b * H + h) * Lq + offs_m, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))),
+                 mask=m_ok)
         if STATS:
             tl.store(MASS + ((b * H + h) * Lq + offs_m[:, None]) * M + mod[None, :], mass * inv_l[:, None],
                      mask=m_ok[:, None] & (mod[None, :] < M))
@@ -507,8 +505,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     the dropped probabilities do not weight v; lse and the statistics are those without dropout.
     attn_mask: bool (True = attend) or float (added to the scaled scores), broadcastable to
     [B, H, Lq, Lk], or None (kernels/attn_mask.py).
-    Returns out [B, H, Lq, D] in q's memory layout (common.new_buffer), lse [B, H, Lq] fp32
-    ([2, B, H, Lq] with a float mask: attn_mask.lse_planes), q_rot [B, H, Lq, D] contiguous or None, attn_mass
+    Returns out [B, H, Lq, D] in q's memory layout (common.new_buffer), lse [2, B, H, Lq] fp32
+    (each row's log2 l and max m in base 2: common.lse_shape), q_rot [B, H, Lq, D] contiguous or None, attn_mass
     [B, H, Lq, M] fp32 or None, key_sum [B, Hkv, M, D] fp32 or None.
     """
     B, H, Lq, D = q.shape
@@ -531,8 +529,8 @@ def rollingq_fwd(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale
     if save_qrot:
         q_rot_out = q if not rotate else common.new_buffer((B, H, Lq, D), dev, q.dtype)
 
-    lse = common.new_buffer(lse_shape(B, H, Lq, mask_kind), dev, torch.float32)
-    lse_arg, rowmax_arg = lse_planes(lse, mask_kind)
+    lse = common.new_buffer(common.lse_shape(B, H, Lq), dev, torch.float32)
+    lse_arg, rowmax_arg = common.lse_planes(lse)
     mp = max(16, next_pow2(num_modalities))
     if stats:
         workers = min(triton.cdiv(Lk, KS_BLOCK), triton.cdiv(Lq, MAX_BLOCK_M) * group)

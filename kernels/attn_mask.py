@@ -7,11 +7,6 @@ and one of two kinds, a constexpr of every kernel:
 The forward, dK/dV (which walks the transposed tile) and dQ kernels each read the tile they need;
 nothing is derived from it on the host (a mask is data, so no key block is skipped for it).
 
-With a bias the forward keeps each row's max m and log2 of its sum l apart (`lse_planes`): a bias
-such as -1e30 on a whole row makes m so large that m + log2(l) rounds to m in fp32, and the
-backward's p = exp2(s - lse) would come out as 1 instead of 1 / l. The backward then forms
-p = exp2((s - m) - log2(l)).
-
 A bias that requires grad gets ds, the gradient of the scores, from the dQ kernel: added by
 atomics into a buffer of the bias's own shape where that shape is shared over batch or heads, else
 stored into a dense buffer that the launcher sums over the broadcast dims (`grad_plan`).
@@ -41,16 +36,6 @@ def mask_tile(base, rows, cols, rows_ok, cols_ok, s_r, s_c, MASK: tl.constexpr):
         bias = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         # Finite stays finite (float32's min times log2(e) would overflow to -inf and hide the key).
         return tl.where(bias == float("-inf"), bias, tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38))
-
-
-def lse_planes(lse: torch.Tensor, kind: int):
-    """The forward's row statistics buffer as the kernels' (LSE, ROWMAX) arguments: with a bias,
-    [2, B, H, Lq] = (log2 l, m in base 2); otherwise [B, H, Lq], the natural-log LSE (ROWMAX unread)."""
-    return (lse[0], lse[1]) if kind == BIAS else (lse, lse)
-
-
-def lse_shape(B: int, H: int, Lq: int, kind: int) -> tuple:
-    return (2, B, H, Lq) if kind == BIAS else (B, H, Lq)
 
 
 def kind_of(attn_mask) -> int:

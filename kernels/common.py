@@ -106,6 +106,20 @@ def spill_rows(tables: dict, extras: list, arch: int) -> dict:
     return rows
 
 
+
+def lse_shape(B: int, H: int, Lq: int) -> tuple:
+    """The forward's row statistics, [2, B, H, Lq] float32: (log2 l, m), each row's sum and max of
+    2^(scaled scores in base 2), +inf and 0 on a row with no live key. The backward forms
+    p = 2^(min(s - m, 0) - log2 l). One float32 m + log2 l, as FlashAttention keeps, loses log2 l
+    once |m| is large (its ulp is 2^-7 at m ~ 1e5; at 1e10 m + log2 l rounds to m, p to 1, and a
+    recomputed s a few ulps above m overflows exp2); the min keeps p <= 1 / l there."""
+    return (2, B, H, Lq)
+
+
+def lse_planes(lse):
+    """The row statistics buffer (lse_shape) as the kernels' (LSE = log2 l, ROWMAX = m) arguments."""
+    return lse[0], lse[1]
+
 def on_device_of(t):
     """Triton launches on the current CUDA device: make it `t`'s (e.g. cuda:1 while the current
     device is cuda:0), as PyTorch's own ops do. A no-op for CPU tensors (the interpreter)."""

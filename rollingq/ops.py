@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels.common import on_device_of  # host-side helpers only: no Triton import
+from .kernels.common import lse_shape, on_device_of  # host-side helpers only: no Triton import
 
 _EMPTY = (0,)
 
@@ -49,10 +49,7 @@ def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, sa
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q, dtype=v.dtype)  # q's layout when q is dense (kernels/common.new_buffer)
-    # [2, B, H, Lq] with a float mask: the kernels keep each row's max and log2 sum apart there
-    # (kernels/attn_mask.lse_planes).
-    bias = attn_mask is not None and attn_mask.is_floating_point()
-    lse = q.new_empty((2, B, H, Lq) if bias else (B, H, Lq), dtype=torch.float32)
+    lse = q.new_empty(lse_shape(B, H, Lq), dtype=torch.float32)  # each row's (log2 l, m)
     q_rot = q.new_empty((B, H, Lq, D) if save_qrot else _EMPTY)
     mass = q.new_empty((B, H, Lq, num_modalities) if stats else _EMPTY, dtype=torch.float32)
     key_sum = q.new_empty((B, Hkv, num_modalities, D) if stats else _EMPTY, dtype=torch.float32)

@@ -303,7 +303,7 @@ def test_hidden_rows_are_zero_and_finite():
 def test_neutral_masks_change_nothing():
     """An all-True bool mask and an all-zero bias give bit for bit the forward without a mask, and
     the bool mask its gradients too (a bias's backward forms p from the row max and log2 sum kept
-    apart, attn_mask.lse_planes: equal to rounding)."""
+    apart, common.lse_shape: equal to rounding; without a mask s * scale - m may fuse to one FMA)."""
     q, k, v, ids, rot, grad = problem(torch.float32, 2, 2, 1, 23, 16, 17)
     base = rollingq.rollingq_attention(q, k, v, ids, M, rotation=rot, rotate_rows=2)
     base_g = torch.autograd.grad(base[0], (q, k, v), grad)

@@ -4,8 +4,10 @@ Runs the Triton kernels through the interpreter on the CPU (TRITON_INTERPRET=1),
 present. Rule (design.md, "Numerics"): max |kernel - ref64| <= 2 * max |ref_lowp - ref64| + 1e-5 for
 dq, dk and dv, where ref64 is the reference in float64 and ref_lowp the reference in the test dtype.
 The kernel's inputs q_rot, lse and out are built here from the same q, k, v the way the forward
-produces them (q_rot rotated in fp32 and cast; lse exact, +inf on rows with no live key).
+produces them (q_rot rotated in fp32 and cast; lse's (log2 l, m) exact, (+inf, 0) on rows with no
+live key).
 """
+import math
 import os
 import zlib
 
@@ -20,7 +22,7 @@ from rollingq.kernels import attention_bwd as bwd  # noqa: E402
 from rollingq.kernels import common  # noqa: E402
 from rollingq.reference import rollingq_attention_reference, rotate_queries  # noqa: E402
 from rollingq.validation import rotate_row_mask  # noqa: E402
-from tests.numerics import nan_buffer  # noqa: E402
+from tests.numerics import assert_close_by_rule, nan_buffer  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_MODALITIES = 3
@@ -52,7 +54,8 @@ def _ids(b: int, lk: int, per_batch: bool, gen: torch.Generator) -> torch.Tensor
 
 
 def _kernel_inputs(q, k, v, ids2d, rotation, rot_mask, causal, scale):
-    """What the forward hands to the backward: q_rot, out (q's dtype) and lse (fp32, +inf if empty)."""
+    """What the forward hands to the backward: q_rot, out (q's dtype) and lse [2, B, H, Lq] fp32, each
+    row's log2 l and max m of the scores in base 2 (+inf and 0 on a row with no live key)."""
     dt = q.dtype
     q_rot = rotate_queries(q.float(), rotation, rot_mask).to(dt)
     group = q.shape[1] // k.shape[1]
@@ -63,11 +66,14 @@ def _kernel_inputs(q, k, v, ids2d, rotation, rot_mask, causal, scale):
     if causal:
         vis = vis & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-    p = torch.exp(s - lse[..., None])
+    s2 = s * math.log2(math.e)
+    m = s2.amax(-1)
+    empty = m == float("-inf")
+    m = torch.where(empty, torch.zeros_like(m), m)
+    log2_l = torch.where(empty, float("inf"), torch.exp2(s2 - m[..., None]).sum(-1).log2())
+    p = torch.exp2(s2 - m[..., None] - log2_l[..., None])
     out = (p @ vh).to(v.dtype)
-    return q_rot, out, lse.float().contiguous()
+    return q_rot, out, torch.stack((log2_l, m)).float().contiguous()
 
 
 def _reference_grads(q, k, v, ids, rotation, rotate_rows, causal, scale, do, dtype):
@@ -249,11 +255,38 @@ def test_bwd_d_split(monkeypatch, dtype, causal, dq_chunk):
     _run_and_check(q, k, v, ids, _rotation(4, 40, gen).to(DEV), rows, causal, do)
 
 
+def test_bwd_scores_above_the_forwards_max():
+    """A recomputed score a few ulps above the forward's row max m (another dot order rounds it
+    there; at |s| ~ 1e10 an ulp is 1024) still gives p <= 1 / l: without the min in p = 2^(min(s - m, 0)
+    - log2 l), m 2 ulps low made p = 2^2048 = inf and the gradients NaN. Rows are one-hot or a tie
+    (gaps of ~1e9 between scores), so m's error moves nothing else; dq, dk divided by the scale."""
+    gen = torch.Generator().manual_seed(_seed("above-max"))
+    q = torch.zeros(1, 2, 7, 16)
+    q[..., :2] = torch.randint(1, 4, (1, 2, 7, 2), generator=gen).float()
+    k = torch.zeros(1, 1, 9, 16)
+    k[..., :2] = torch.randint(-3, 4, (1, 1, 9, 2), generator=gen).float()
+    k[0, 0, 4] = 3.0  # the top key on every row
+    v = torch.randn(1, 1, 9, 16, generator=gen)
+    do = torch.randn(1, 2, 7, 16, generator=gen)
+    q, k, v, do = (t.to(DEV) for t in (q, k, v, do))
+    ids = torch.zeros(9, dtype=torch.long, device=DEV)
+    ids2d = ids.to(torch.int32).expand(1, 9)
+    scale = 2.0 ** 29
+    q_rot, out, lse = _kernel_inputs(q, k, v, ids2d, None, None, False, scale)
+    assert lse[1].abs().min().item() > 1e9
+    lse[1] -= 2048.0
+    dq, dk, dv, _ = bwd.attention_bwd(do, q_rot, k, v, out, lse, ids2d, False, scale, None, None)
+    ref64 = _reference_grads(q, k, v, ids, None, None, False, scale, do, torch.float64)
+    ref32 = _reference_grads(q, k, v, ids, None, None, False, scale, do, torch.float32)
+    for name, got, r64, r32, u in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64, ref32, (1 / scale, 1 / scale, 1.0)):
+        assert_close_by_rule(name, got * u, r64 * u, r32 * u)
+
+
 def test_bwd_bad_arguments():
     """Wrong lse dtype, ids shape or causal lengths raise errors naming the argument."""
     q = torch.randn(1, 2, 8, 16, device=DEV)
     k = torch.randn(1, 1, 8, 16, device=DEV)
-    lse = torch.zeros(1, 2, 8, device=DEV)
+    lse = torch.zeros(2, 1, 2, 8, device=DEV)
     ids = torch.zeros(1, 8, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="lse"):
         bwd.attention_bwd(q, q, k, k, q, lse.half(), ids, False, 0.25, None, None)

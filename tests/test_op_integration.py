@@ -1,5 +1,7 @@
 """The kernels as a PyTorch op: autograd through the public function, torch.compile, autocast, and a
 few training steps of the attention module on the kernel path against the reference path."""
+import math
+
 import pytest
 import torch
 
@@ -52,6 +54,40 @@ def check_gradients(dtype, B, H, Hkv, Lq, Lk, D, causal, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_public_function_gradients(dtype):
     check_gradients(dtype, 2, 4, 2, 19, 19, 16, causal=True, seed=4)
+
+
+@pytest.mark.parametrize("score", [2.0 ** 26, 1e10])
+def test_large_scores_keep_ties_and_one_hot_rows(score):
+    """Scaled scores near `score` with exact ties: the forward and the gradients by design.md's rule
+    (dq and dk divided by the scale, a power of two, so the rule's slack means something). Two keys
+    with one score weigh 1/2 each; one float32 m + log2 l rounded to m past 2^25 (ulp 4 > log2 2)
+    and gave both p = 1 in the backward: dv twice too large."""
+    gen = torch.Generator().manual_seed(int(score) % 9973)
+    B, H, Lq, Lk, D = 1, 2, 7, 9, 16
+    # Small integers in two dims: every dot is exact in float32 and in any order.
+    q = torch.zeros(B, H, Lq, D)
+    q[..., :2] = torch.randint(1, 4, (B, H, Lq, 2), generator=gen).float()
+    k = torch.zeros(B, 1, Lk, D)
+    k[..., :2] = torch.randint(-3, 4, (B, 1, Lk, 2), generator=gen).float()
+    k[:, :, 1, :2] = k[:, :, 0, :2] = 3.0  # the top key, twice: a tie on every row
+    v = torch.randn(B, 1, Lk, D, generator=gen)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    ids = torch.zeros(B, Lk, dtype=torch.long, device=DEVICE)
+    scale = 2.0 ** round(math.log2(score / 18))  # q . k tops at 2 * 3 + 2 * 3 or so
+    grad = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE)
+
+    def run(qq, kk, vv, fn):
+        o = fn(qq, kk, vv, ids, 1, scale=scale)[0]
+        return (o,) + torch.autograd.grad(o, (qq, kk, vv), grad.to(o.dtype))
+
+    got = run(q, k, v, rollingq.rollingq_attention)
+    r64 = run(*(t.detach().double().requires_grad_() for t in (q, k, v)), rollingq_attention_reference)
+    r32 = run(*(t.detach().clone().requires_grad_() for t in (q, k, v)), rollingq_attention_reference)
+    unscale = (1.0, 1.0 / scale, 1.0 / scale, 1.0)
+    for name, a, b, c, u in zip(("out", "dq", "dk", "dv"), got, r64, r32, unscale):
+        assert_close_by_rule(name, a * u, b * u, c * u)
+    # Rows whose top pair is the tie split it evenly: dv of the two keys is the same.
+    assert (got[3][:, :, 0] - got[3][:, :, 1]).abs().max().item() < 1e-6 < got[3][:, :, 0].abs().max().item()
 
 
 @pytest.mark.cuda
