@@ -2,11 +2,14 @@
 machine, and print shared memory, registers, spills and Hopper HGMMA (wgmma) counts.
 
     python bench/inspect_kernels.py [--arch 90,80] [--dtypes bf16,fp32] [--only NAME] [--json out.json] [--list]
+                                    [--sass]
 
 The launches are those of real problems (launches.CHECK_PROBLEMS: every head-dim class and path,
 rotation, statistics and backward on), recorded from the launchers and compiled with the argument
 specialisation Triton gives them at run time (bench/launches.py), so the report describes the
-kernels a GPU would run. Identical compiles are done once.
+kernels a GPU would run. Identical compiles are done once. --sass adds static SASS instruction
+counts (cuobjdump, bundled with Triton): the total and the softmax's element-wise opcodes, to see
+what a change to the score loop adds before a GPU times it (kernels/aot.sass_counts).
 
 Exits 1 when any variant fails to compile, needs more shared memory than the card has, or spills
 registers: such a config is dead weight in an autotune list (../shared/docs/gpu.md). Runs with
@@ -34,14 +37,14 @@ def describe(job, arch: int) -> dict:
 
 
 def _one(job):
-    (name, (module, fn_name), sig, cx, attrs, w, s), arch = job
+    (name, (module, fn_name), sig, cx, attrs, w, s), arch, sass = job
     from rollingq.kernels.aot import compile_report
 
-    return compile_report(name, jit_function(module, fn_name), sig, cx, w, s, arch=arch, attrs=attrs)
+    return compile_report(name, jit_function(module, fn_name), sig, cx, w, s, arch=arch, attrs=attrs, sass=sass)
 
 
-def run(archs, dtypes, workers=2, problems=CHECK_PROBLEMS):
-    jobs = [(portable(j), a) for a in archs for j in compile_jobs(problems, dtypes, a)]
+def run(archs, dtypes, workers=2, problems=CHECK_PROBLEMS, sass=False):
+    jobs = [(portable(j), a, sass) for a in archs for j in compile_jobs(problems, dtypes, a)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_one, jobs))
 
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--list", action="store_true",
                     help="print the variants (signature, constants, divisibility hints) as JSON; compile nothing")
+    ap.add_argument("--sass", action="store_true", help="also print static SASS instruction counts")
     a = ap.parse_args(argv)
     archs = [int(x) for x in a.arch.split(",")]
     dtypes = a.dtypes.split(",")
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
         print(json.dumps([describe(j, arch) for arch in archs for j in compile_jobs(problems, dtypes, arch)],
                          indent=1))
         return 0
-    reports = run(archs, dtypes, a.workers, problems)
+    reports = run(archs, dtypes, a.workers, problems, a.sass)
     print(f"{'variant':<66} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'wgmma':>6}  status")
     for r in reports:
         status = "ERROR " + r["error"] if r["error"] else ("OVER SHARED" if r.get("over_shared") else
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
         smem = f"{r['shared'] / 1024:.0f}" if r.get("shared") is not None else "-"
         print(f"{r['name']:<66} {r['arch']:>3} {smem:>8} {r.get('regs') or '-':>5} "
               f"{r.get('spill_bytes', '-'):>8} {r.get('hgmma', '-'):>6}  {status}")
+        if r.get("sass"):
+            print("    sass: " + " ".join(f"{k}={v}" for k, v in r["sass"].items() if v))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(reports, f, indent=1)

@@ -114,9 +114,26 @@ def compile_for(fn, signature, constexprs, attrs, num_warps, num_stages, arch: i
                           target=GPUTarget("cuda", arch, 32), options=aot_options(num_warps, num_stages))
 
 
+# SASS opcodes the reports count (sass=True): the softmax's element-wise work beside the matmuls.
+SASS_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "LDG", "STG", "ATOMG", "RED")
+
+
+def sass_counts(cubin: str) -> Dict[str, int]:
+    """Static instruction counts of a cubin (cuobjdump -sass): "total" and each SASS_OPS opcode
+    (its variants such as FMNMX.NAN or HGMMA.64x128x16.F32.BF16 included). Static: a loop body
+    counts once however often it runs, an unrolled or pipelined one as often as it is copied."""
+    r = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True)
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", r.stdout, re.M)
+    counts = {"total": len(ops)}
+    for want in SASS_OPS:
+        counts[want] = sum(1 for op in ops if op == want or op.startswith(want + "."))
+    return counts
+
+
 def compile_report(name, fn, signature, constexprs, num_warps, num_stages, arch: int = 90,
-                   attrs: Optional[dict] = None) -> Dict:
-    """Compile one kernel variant for sm_<arch>; return shared bytes, registers, spills, HGMMA count."""
+                   attrs: Optional[dict] = None, sass: bool = False) -> Dict:
+    """Compile one kernel variant for sm_<arch>; return shared bytes, registers, spills, HGMMA count
+    and with `sass` the static SASS instruction counts (sass_counts)."""
     rep = {"name": name, "arch": arch, "error": None}
     try:
         k = compile_for(fn, signature, constexprs, attrs, num_warps, num_stages, arch)
@@ -138,6 +155,8 @@ def compile_report(name, fn, signature, constexprs, num_warps, num_stages, arch:
         rep["spill_bytes"] = sum(int(x) for x in spills)
         if r.returncode != 0:
             rep["error"] = "ptxas: " + info.strip().splitlines()[-1][:300]
+        elif sass:
+            rep["sass"] = sass_counts(os.path.join(d, "k.cubin"))
     rep["hgmma"] = k.asm["ptx"].count("wgmma.mma_async") if arch == 90 else 0
     rep["over_shared"] = rep["shared"] > SHARED_LIMIT[arch]
     return rep

@@ -122,3 +122,24 @@ def test_launch_grids_fit_cuda_limits():
             assert x < 2**31 and y <= MAX_GRID_YZ and z <= MAX_GRID_YZ and y * z == 80000, (launch.fn.__name__, x, y, z)
     with pytest.raises(ValueError, match="batch .70000. and heads .2. must each be at most 65535"):
         launch_grid(1, 1, 2, 70000)
+
+
+def test_sass_counts_show_the_score_loop(tmp_path):
+    """--sass counts SASS opcodes from the compiled cubins: each kernel's exp2s are there, Hopper's
+    16-bit dots are HGMMA, and every backward exp2 has its clamp (p = 2^(min(s - m, 0) - log2 l):
+    one FMNMX per MUFU.EX2 at least), so dropping it shows here before a GPU times it."""
+    out = tmp_path / "reports.json"
+    proc = run_bench_script("inspect_kernels.py", "--arch", "90", "--dtypes", "bf16", "--only", "H16_L8192_D64",
+                            "--sass", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sass: total=" in proc.stdout
+    reports = json.loads(out.read_text())
+    by_kernel = {}
+    for r in reports:
+        by_kernel.setdefault(r["name"].split()[0], []).append(r["sass"])
+    assert {"fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"} <= set(by_kernel)
+    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for c in by_kernel[name]:
+            assert c["MUFU.EX2"] > 0 and c["HGMMA"] > 0 and c["total"] > sum(v for k, v in c.items() if k != "total")
+    for name in ("bwd_dkdv", "bwd_dq"):
+        assert all(c["FMNMX"] >= c["MUFU.EX2"] for c in by_kernel[name]), by_kernel[name]
