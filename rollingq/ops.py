@@ -13,10 +13,7 @@ from .kernels.common import lse_shape, on_device_of  # host-side helpers only: n
 _EMPTY = (0,)
 
 
-# needs_exact_strides: Inductor hands the ops their inputs in the traced layouts, which the outputs
-# follow (out and dq take q's, dk and dv k's and v's: kernels/common.new_buffer).
-@torch.library.custom_op("rollingq::attention_fwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def attention_fwd_op(
+def attention_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, num_modalities: int,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], causal: bool, scale: float,
     stats: bool, save_qrot: bool, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
@@ -43,6 +40,14 @@ def attention_fwd_op(
     return out, lse, q_rot, mass, key_sum
 
 
+# needs_exact_strides: Inductor hands the ops their inputs in the traced layouts, which the outputs
+# follow (out and dq take q's, dk and dv k's and v's: kernels/common.new_buffer). The *_impl
+# functions stay callable on their own: a TorchDispatchMode sees an op as one call, and the layout
+# tests run the body under the mode to see the copies inside it (tests/test_layouts.py).
+attention_fwd_op = torch.library.custom_op("rollingq::attention_fwd", mutates_args=(),
+                                           tags=(torch.Tag.needs_exact_strides,))(attention_fwd_impl)
+
+
 @attention_fwd_op.register_fake
 def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, save_qrot, dropout_p=0.0, seed=None,
       attn_mask=None):
@@ -56,8 +61,7 @@ def _(q, k, v, ids, num_modalities, rotation, rot_mask, causal, scale, stats, sa
     return out, lse, q_rot, mass, key_sum
 
 
-@torch.library.custom_op("rollingq::attention_bwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def attention_bwd_op(
+def attention_bwd_impl(
     do: torch.Tensor, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor, causal: bool, scale: float,
     rotation: Optional[torch.Tensor], rot_mask: Optional[torch.Tensor], dropout_p: float = 0.0,
@@ -74,6 +78,10 @@ def attention_bwd_op(
         grads = attention_bwd(do, q_rot, k, v, out, lse, ids, causal, scale, rotation, mask, dropout_p, seed,
                               attn_mask, mask_grad, need_dq, need_dkdv)
     return tuple(q_rot.new_empty(_EMPTY) if g is None else g for g in grads)
+
+
+attention_bwd_op = torch.library.custom_op("rollingq::attention_bwd", mutates_args=(),
+                                           tags=(torch.Tag.needs_exact_strides,))(attention_bwd_impl)
 
 
 @attention_bwd_op.register_fake
