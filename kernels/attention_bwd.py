@@ -108,8 +108,8 @@ _IEEE_DKDV = {
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2)],
-    "ieee-split": [(16, 16, 4, 2)],
-    ("ieee-split", "mask+dropout"): [(16, 16, 8, 2), (16, 16, 8, 1)],  # sm_80: the row above spills with them
+    "ieee-split": [(16, 16, 8, 2)],  # (16, 16, 4, 2) spills 8 B on sm_90 since m and log2 l are two rows' values
+    ("ieee-split", "mask+dropout"): [(16, 16, 8, 1)],
 }
 _DKDV_TABLE = {
     90: {
@@ -150,26 +150,25 @@ _DQ_TABLE = {
 # table are added for them (stand-ins, chosen where a class lost every row). "wide" keys dQ's wide rows.
 _DKDV_DROPOUT_SPILLS = {90: {128: [(32, 128, 8, 2)], "split": [(64, 64, 8, 1)], "ieee-split": [(16, 32, 8, 2)]},
                         80: {64: [(32, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}}
-_DQ_DROPOUT_SPILLS = {90: {256: [(128, 32, 8, 2)]}}
+_DQ_DROPOUT_SPILLS = {90: {128: [(128, 64, 8, 2)], 256: [(128, 32, 8, 2)]}}
 _DKDV_SPILLS = {"dropout": _DKDV_DROPOUT_SPILLS,
                 "mask": {90: {"split": [(64, 64, 8, 1)]},
                          80: {64: [(32, 64, 8, 2)], 128: [(64, 64, 8, 2)], "ieee-split": [(16, 32, 8, 2)]}},
                 # dropout's fp32 stand-in spills with a mask (sm_80: 24-36 B; left out on sm_90 too,
                 # where it was not built with both); the mask's stand-in serves mask + dropout
                 "mask+dropout": {90: {64: [(64, 128, 8, 2)], 256: [(32, 64, 8, 2)], "ieee-64": [(32, 32, 8, 2)],
-                                      "ieee-split": [(16, 16, 4, 2)]},
+                                      "ieee-128": [(16, 16, 4, 2)], "ieee-split": [(16, 16, 4, 2)]},
                                  80: {"ieee-split": [(16, 16, 4, 2)]}},
                 "bias+dropout": {90: {64: [(64, 64, 8, 2)], "split": [(32, 64, 8, 2)]},
                                  80: {"ieee-128": [(16, 32, 8, 2), (16, 16, 4, 2)]}}}
 _DQ_SPILLS = {"dropout": _DQ_DROPOUT_SPILLS,
               "mask": {90: {256: [(128, 32, 8, 2), (64, 64, 8, 2)]}},
-              "mask+dropout": {90: {128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)]},
-                               80: {"ieee-split": [(16, 16, 4, 2)]}},
+              "mask+dropout": {90: {128: [(128, 64, 8, 2)], "split": [(128, 16, 8, 2)], "wide": [(64, 64, 8, 2)]}},
               # (built with a learned bias, the rows also leave float masks without a gradient: their
               # dQ with dropout was not built on its own)
               "bias+dropout": {90: {64: [(64, 64, 4, 2)], "wide": [(64, 64, 8, 2)]},
                                80: {64: [(128, 32, 8, 2), (64, 32, 4, 3)], 128: [(128, 32, 8, 2)],
-                                    "split": [(64, 16, 8, 2)], "ieee-split": [(16, 16, 4, 2)]}},
+                                    "split": [(64, 16, 8, 2)]}},
               # writing ds, a learned bias's gradient (sm_90 16-bit: 8-136 B, the atomics' [BM, BN]
               # pointer tile the most; fp32: 8 B)
               "mask_grad": {90: {64: [(128, 64, 8, 2), (64, 64, 4, 2)], 128: [(128, 64, 8, 2)],

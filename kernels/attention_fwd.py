@@ -102,12 +102,12 @@ FWD_CONFIGS_BY_ARCH = {
 # "bias+dropout") are added for them (stand-ins, chosen where a class lost every row).
 FWD_DROPOUT_SPILLS = {
     90: {("16bit", 128, "tma"): [(128, 128, 8, 3)], ("16bit", "split"): [(64, 64, 8, 1)]},
-    80: {("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},
+    80: {("16bit", 64): [(64, 64, 4, 2)], ("16bit", 128): [(128, 32, 8, 2), (64, 32, 4, 2)]},
 }
 FWD_MASK_SPILLS = {
     90: {("16bit", 64): [(128, 128, 8, 2), (128, 128, 8, 3)], ("16bit", 128, "tma"): [(128, 128, 8, 3)],
          ("16bit", "split"): [(64, 32, 8, 1), (64, 64, 8, 1)]},
-    80: {("16bit", 64): [(128, 64, 8, 3)], ("16bit", "split"): [(64, 32, 8, 1)]},
+    80: {("16bit", 64): [(128, 64, 8, 3)], ("16bit", 128): [(128, 32, 8, 2)], ("16bit", "split"): [(64, 32, 8, 1)]},
 }
 FWD_SPILLS = {"dropout": FWD_DROPOUT_SPILLS, "mask": FWD_MASK_SPILLS,
               "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2)], ("fp32", 128): [(32, 32, 8, 1)]},
