@@ -110,7 +110,8 @@ FWD_MASK_SPILLS = {
     80: {("16bit", 64): [(128, 64, 8, 3)], ("16bit", 128): [(128, 32, 8, 2)], ("16bit", "split"): [(64, 32, 8, 1)]},
 }
 FWD_SPILLS = {"dropout": FWD_DROPOUT_SPILLS, "mask": FWD_MASK_SPILLS,
-              "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2)], ("fp32", 128): [(32, 32, 8, 1)]},
+              "mask+dropout": {90: {("16bit", 128): [(128, 64, 8, 2), (128, 64, 8, 3)],  # s3: fp16, 8 B
+                                    ("fp32", 128): [(32, 32, 8, 1)]},
                                80: {("16bit", 64): [(64, 64, 4, 2)]}},
               # a float mask's tile costs more registers than a bool one's
               "bias+dropout": {90: {("16bit", 128): [(128, 64, 8, 3), (64, 64, 4, 3)]},
