@@ -108,7 +108,7 @@ _IEEE_DKDV = {
 _IEEE_DQ = {
     "ieee-64": [(16, 32, 8, 2), (32, 32, 8, 2)],
     "ieee-128": [(16, 32, 8, 2)],
-    "ieee-split": [(16, 16, 8, 2)],  # (16, 16, 4, 2) spills 8 B on sm_90 since m and log2 l are two rows' values
+    "ieee-split": [(16, 16, 8, 2)],  # (16, 16, 4, 2) spills 8 B on sm_90 with m held beside log2 l
     ("ieee-split", "mask+dropout"): [(16, 16, 8, 1)],
 }
 _DKDV_TABLE = {

@@ -106,7 +106,6 @@ def spill_rows(tables: dict, extras: list, arch: int) -> dict:
     return rows
 
 
-
 def lse_shape(B: int, H: int, Lq: int) -> tuple:
     """The forward's row statistics, [2, B, H, Lq] float32: (log2 l, m), each row's sum and max of
     2^(scaled scores in base 2), +inf and 0 on a row with no live key. The backward forms
@@ -119,6 +118,7 @@ def lse_shape(B: int, H: int, Lq: int) -> tuple:
 def lse_planes(lse):
     """The row statistics buffer (lse_shape) as the kernels' (LSE = log2 l, ROWMAX = m) arguments."""
     return lse[0], lse[1]
+
 
 def on_device_of(t):
     """Triton launches on the current CUDA device: make it `t`'s (e.g. cuda:1 while the current
