@@ -12,12 +12,14 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test,plot,progress]'
 	touch $(STAMP)
 
-# Without a CUDA device the Triton kernels run through Triton's interpreter on the CPU.
+# Without a CUDA device the Triton kernels run through Triton's interpreter on the CPU, one
+# single-threaded Python process per core (pytest-xdist; the CI machines have 2).
+XDIST ?= -n 2
 test: $(STAMP)
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		echo "CUDA device found: kernels run on the GPU"; $(PY) -m pytest tests/ -q; \
 	else \
-		echo "no CUDA device: TRITON_INTERPRET=1"; TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q; \
+		echo "no CUDA device: TRITON_INTERPRET=1"; TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q $(XDIST); \
 	fi
 
 demo: $(STAMP)
@@ -35,7 +37,7 @@ test-torch2.11:
 	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0
 	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test,plot,progress]'
-	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest tests/ -q
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest tests/ -q $(XDIST)
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info runs .benchmarks

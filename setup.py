@@ -15,7 +15,8 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         # Triton 3.6's interpreter (used by the CPU tests) breaks on NumPy 2.4's scalar conversion.
-        "test": ["pytest", "pytest-benchmark", "numpy<2.4"],
+        # pytest-xdist: make test runs the interpreter tests on both cores of a CI machine.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "numpy<2.4"],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
     },

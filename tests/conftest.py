@@ -7,6 +7,10 @@ import torch
 # a kernel is defined, so it must be set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (make test: a worker per core) each worker keeps to one thread, so torch's
+# own thread pool does not fight the other worker for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

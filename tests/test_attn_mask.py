@@ -108,13 +108,13 @@ def test_single_program_path(dtype, kind, tma, monkeypatch):
 def test_d_split_path(dtype, monkeypatch):
     """Heads wider than one program: every D chunk of the output and of dk/dv/dq reads the mask."""
     force_d_split(monkeypatch)
-    check(dtype, "float", D=72, causal=True, rows=9, seed=11)
+    check(dtype, "float", H=2, Hkv=1, D=72, causal=True, rows=9, seed=11)
 
 
 def test_wide_split_path(monkeypatch):
     """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
     force_wide_split(monkeypatch)
-    check(torch.float16, "bool", D=72, rows=9, seed=12)
+    check(torch.float16, "bool", H=2, Hkv=1, D=72, rows=9, seed=12)
 
 
 @pytest.mark.parametrize("form", ["keys", "square", "head_keys", "batch_rows", "transposed", "full"])
@@ -160,14 +160,15 @@ def test_bias_gradient_single_program(dtype, tma, plan, monkeypatch):
 def test_bias_gradient_d_split_path(plan, monkeypatch):
     """Every D-split program of a query block computes the same ds; one stores (or adds) it."""
     force_d_split(monkeypatch)
-    check(torch.float32, "float", D=72, causal=True, rows=9, seed=33, mask_grad=True, shape=PLANS[plan](2, 4, 37))
+    check(torch.float32, "float", H=2, Hkv=1, D=72, causal=True, rows=9, seed=33, mask_grad=True,
+          shape=PLANS[plan](2, 2, 37))
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_bias_gradient_wide_split_path(plan, monkeypatch):
     """The wide dQ split: two programs per query block, one stores (or adds) ds."""
     force_wide_split(monkeypatch)
-    check(torch.float16, "float", D=72, rows=9, seed=34, mask_grad=True, shape=PLANS[plan](2, 4, 37))
+    check(torch.float16, "float", H=2, Hkv=1, D=72, rows=9, seed=34, mask_grad=True, shape=PLANS[plan](2, 2, 37))
 
 
 def test_bias_gradient_with_dropout():

@@ -61,7 +61,7 @@ def test_single_program_path(dtype, causal, tma, monkeypatch):
 def test_d_split_path(dtype, monkeypatch):
     """Heads wider than one program: every D chunk of the output draws the same mask."""
     force_d_split(monkeypatch)
-    check(dtype, D=72, causal=True, rows=9, seed=11)
+    check(dtype, H=2, Hkv=1, D=72, causal=True, rows=9, seed=11)
 
 
 @pytest.mark.parametrize("path", ["single", "d_split"])
@@ -71,14 +71,14 @@ def test_bf16_mass_branch(path, monkeypatch):
     monkeypatch.setattr(attention_fwd, "FORCE_MASS_F16", True)
     if path == "d_split":
         force_d_split(monkeypatch)
-    check(torch.float16, D=40 if path == "d_split" else 16, causal=path == "d_split", rows=5, seed=14)
+    check(torch.float16, H=2, Hkv=1, D=40 if path == "d_split" else 16, causal=path == "d_split", rows=5, seed=14)
 
 
 def test_wide_split_path(monkeypatch):
     """The wide splits (forward and dQ), forced, with 16-wide chunks: D 72 is 5 chunks."""
     force_wide_split(monkeypatch)
     # dQ's wide split runs without the in-kernel rotation epilogue: rows rotated, dq rotated after.
-    check(torch.float16, D=72, causal=False, rows=9, seed=12)
+    check(torch.float16, H=2, Hkv=1, D=72, causal=False, rows=9, seed=12)
 
 
 def test_no_rotation_and_large_p():

@@ -344,9 +344,9 @@ def test_bwd_dq_wide_split(D, causal, dtype, monkeypatch):
     monkeypatch.setattr(bwd._bwd_dq, "cache", {})
     assert bwd.wide_plan(D, 16)[2] == 2
     gen = torch.Generator().manual_seed(_seed("dq_wide", D, causal, dtype))
-    q, k, v, do = _qkv(2, 4, 2, 29, 29, D, dtype, gen)
+    q, k, v, do = _qkv(2, 2, 1, 29, 29, D, dtype, gen)
     ids = _ids(2, 29, per_batch=True, gen=gen).to(DEV)
-    _run_and_check(q, k, v, ids, _rotation(4, D, gen).to(DEV), 11, causal, do)
+    _run_and_check(q, k, v, ids, _rotation(2, D, gen).to(DEV), 11, causal, do)
 
 
 @pytest.mark.parametrize("D", [768, 520])

@@ -184,7 +184,7 @@ def test_wide_split(dtype, D, causal, tma, stats, monkeypatch):
     monkeypatch.setattr(kernel, "configs", [attention_fwd._config((16, 16, 4, 1), wide=True)])
     monkeypatch.setattr(kernel, "cache", {})
     assert attention_fwd.wide_plan(D, 16)[2] == 2
-    q, k, v, ids, rot, _ = make_case(2, 4, 2, 37, 37, D, 3, dtype, seed=D + 7 * causal)
+    q, k, v, ids, rot, _ = make_case(2, 2, 1, 37, 37, D, 3, dtype, seed=D + 7 * causal)
     check(q, k, v, ids, 3, rot if stats else None, rotate_rows=9 if stats else None, causal=causal, stats=stats)
 
 
