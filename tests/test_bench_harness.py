@@ -28,6 +28,14 @@ import summarize  # noqa: E402
 import rollingq  # noqa: E402
 
 
+def child_env(**extra: str) -> dict:
+    """This process's environment for a child `pytest bench/` or tool run, without the variables a
+    pytest-xdist worker carries (pytest-benchmark disables itself when it sees them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+    env.update(extra)
+    return env
+
+
 @pytest.fixture
 def reference_path():
     """CPU calls of rollingq go to the PyTorch reference: these tests check the harness, not kernels.
@@ -378,7 +386,7 @@ def test_plot_without_matplotlib_or_records(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------- pytest bench/
 def test_pytest_bench_passes_on_cpu(tmp_path):
     """`pytest bench/` on a machine without CUDA: the smoke case runs, every GPU case skips."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # even on a GPU box: the full run is gpu_check.sh's
+    env = child_env(CUDA_VISIBLE_DEVICES="")  # even on a GPU box: the full run is gpu_check.sh's
     env.pop("TRITON_INTERPRET", None)
     env.pop("ROLLINGQ_BENCH_JSONL", None)
     report = tmp_path / "bench.json"
@@ -551,7 +559,7 @@ def test_merge_reports_joins_the_per_process_reports(tmp_path, capsys):
 
 
 def test_bench_select_runs_one_unit_and_rejects_unknown_names():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", ROLLINGQ_BENCH_SELECT="memory,bogus")
+    env = child_env(CUDA_VISIBLE_DEVICES="", ROLLINGQ_BENCH_SELECT="memory,bogus")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
                            "--benchmark-disable", "--co"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -589,7 +597,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def precompile_plan():
-    env = dict(os.environ)
+    env = child_env()
     env.pop("TRITON_INTERPRET", None)  # the recorded specialisation is the compiler's, not the interpreter's
     proc = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -662,7 +670,7 @@ def _gpu_check(tmp_path, mode, **env_extra):
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLINGQ_", "TRITON_INTERPRET", "PYTHON"))}
+    env = {k: v for k, v in child_env().items() if not k.startswith(("ROLLINGQ_", "TRITON_INTERPRET", "PYTHON"))}
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="", ROLLINGQ_SKIP_INSTALL="1",
                OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), FAKE_MODE=mode, **env_extra)
     start = time.monotonic()
