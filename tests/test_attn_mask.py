@@ -108,7 +108,7 @@ def test_single_program_path(dtype, kind, tma, monkeypatch):
 def test_d_split_path(dtype, monkeypatch):
     """Heads wider than one program: every D chunk of the output and of dk/dv/dq reads the mask."""
     force_d_split(monkeypatch)
-    check(dtype, "float", H=2, Hkv=1, D=72, causal=True, rows=9, seed=11)
+    check(dtype, "float", H=2, Hkv=1, D=40, causal=True, rows=9, seed=11)
 
 
 def test_wide_split_path(monkeypatch):
@@ -160,7 +160,7 @@ def test_bias_gradient_single_program(dtype, tma, plan, monkeypatch):
 def test_bias_gradient_d_split_path(plan, monkeypatch):
     """Every D-split program of a query block computes the same ds; one stores (or adds) it."""
     force_d_split(monkeypatch)
-    check(torch.float32, "float", H=2, Hkv=1, D=72, causal=True, rows=9, seed=33, mask_grad=True,
+    check(torch.float32, "float", H=2, Hkv=1, D=40, causal=True, rows=9, seed=33, mask_grad=True,
           shape=PLANS[plan](2, 2, 37))
 
 
