@@ -30,13 +30,18 @@ def record_key(variants: List[dict], triton_version: str) -> str:
     return h.hexdigest()
 
 
+def bad(rep: dict) -> bool:
+    """A variant that failed to compile, needs more shared memory than the card has, or spills."""
+    return bool(rep["error"]) or rep.get("over_shared", False) or rep.get("spill_bytes", 0) > 0
+
+
 def report_problems(reports: Iterable[dict], arch: int, shared_floor: int, full: bool = True) -> List[str]:
     """What is wrong with one arch's compile reports: errors, shared memory over the card, spills; a
     launch class (kernel, dtype, problem) with no config within the plan's smallest card; Hopper
     16-bit forwards without wgmma. `full`: every kernel must be there (a whole-matrix run)."""
     reports = [r for r in reports if r["arch"] == arch]
     out = [f"{r['name']} sm_{arch}: error={r['error']} shared={r.get('shared')} spills={r.get('spill_bytes')}"
-           for r in reports if r["error"] or r.get("over_shared") or r.get("spill_bytes", 0) > 0]
+           for r in reports if bad(r)]
     if not reports:
         return out + [f"sm_{arch}: no reports"]
     names = {r["name"].split()[0] for r in reports}
