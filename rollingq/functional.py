@@ -8,7 +8,7 @@ from .ops import attention_fwd_op
 from .reference import key_counts, rollingq_attention_reference
 from .stats import AttentionStats
 from .rotation import LowRankRotation
-from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs, plain_int
+from .validation import SUPPORTED_DTYPES, Rotation, RotateRows, check_inputs, plain_scalars
 
 
 _CPU_BACKENDS = ("auto", "reference", "interpreter")
@@ -86,11 +86,15 @@ def rollingq_attention(
         rotation: [H, D, D] per-head rotation, a `rollingq.rotation.LowRankRotation` (the same
             rotation as I + left @ right^T: what `RollingQAttention` passes after plane rotations,
             much cheaper at large D), or None. Selected rows use q' = q @ rotation[h]^T. Treated
-            as a constant (no gradient).
+            as a constant (no gradient). In float16 the rotated rows must fit float16: a rotation
+            keeps a row's norm but may gather it into one component, so a row of norm above
+            65504 can overflow there (the kernels rotate in float32 and round the rotated row).
         rotate_rows: which query rows are rotated: None (none), an int n (rows 0..n-1), or a bool
             mask [Lq] or [B, Lq].
         causal: query i sees keys 0..i; requires Lq == Lk.
-        scale: softmax scale, default 1/sqrt(D).
+        scale: softmax scale, default 1/sqrt(D); any real number up to 2.36e38 in magnitude.
+            The scaled scores scale * (q . k) must stay within float32's range (3.4e38), or the
+            row is NaN, as with SDPA.
         stats: a bool; False skips the statistics (plain fused attention) and returns None for them.
         dropout_p: attention dropout, in [0, 1): each attention probability is zeroed with this
             probability and the kept ones are scaled by 1 / (1 - dropout_p) (as in SDPA; pass 0
@@ -140,7 +144,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     """`rollingq_attention`, for callers that have checked the ids' values themselves
     (`ids_in_range=True`: RollingQAttention builds its ids from checked ones, so re-reading them
     would cost a second host sync per call)."""
-    num_modalities, rotate_rows = plain_int(num_modalities), plain_int(rotate_rows)
+    num_modalities, rotate_rows, causal, scale, stats = plain_scalars(
+        num_modalities, rotate_rows, causal, scale, stats)
     # is_autocast_enabled raises for "meta" (torch.amp.is_autocast_available would say so, but
     # Dynamo in torch 2.11 cannot trace it)
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type != "meta" \

@@ -7,8 +7,8 @@ from torch import nn
 from . import functional
 from .rotation import LowRankRotation, low_rank_rotation
 from .stats import AttentionStats
-from .validation import (MAX_MODALITIES, capturing_cuda_graph, check_dropout, check_values_always, checked_values,
-                         readable, tensor_version, value_checks_enabled)
+from .validation import (MAX_MODALITIES, SUPPORTED_DTYPES, capturing_cuda_graph, check_dropout, check_values_always,
+                         checked_values, readable, tensor_version, value_checks_enabled)
 
 __all__ = ["RollingQAttention"]
 
@@ -173,13 +173,11 @@ class RollingQAttention(nn.Module):
                     and torch.equal(cache[2], R):  # rewritten with the same values, e.g. a DDP buffer broadcast
                 self._kernel_rotation = (R, version) + cache[2:]
                 return cache[3]
-            try:
-                factors = low_rank_rotation(R, max_rank=self.head_dim // 8)
-            except RuntimeError:  # e.g. the SVD of a NaN (a bad checkpoint): name the buffer instead
-                if not bool(torch.isfinite(R).all()):
-                    raise ValueError("rotation (the RollingQAttention buffer) must be finite (it holds NaN or "
-                                     "inf)") from None
-                raise
+            # A NaN or inf (a bad checkpoint, a diverged update): name the buffer, not an argument.
+            if not bool(torch.isfinite(R.float()).all()):
+                raise ValueError("rotation (the RollingQAttention buffer) must be finite in float32 (it holds "
+                                 "NaN or inf, or values past float32's range)")
+            factors = low_rank_rotation(R, max_rank=self.head_dim // 8)
             form = R if factors is None else factors
             self._kernel_rotation = (R, version, R.detach().clone(), form)
         return form
@@ -250,6 +248,8 @@ class RollingQAttention(nn.Module):
         if L <= nf:
             raise ValueError(f"x must hold num_fusion_tokens ({nf}) fusion tokens and at least one modality "
                              f"token, got L = {L}")
+        if not isinstance(need_stats, bool):  # as the op's `stats`: "no" or None must not mean yes or no
+            raise TypeError(f"need_stats must be a bool, got {type(need_stats).__name__}")
         ids = self._modality_ids(modality_ids, key_padding_mask, B, L, x.device)
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
         if attn_mask is not None:
@@ -265,11 +265,14 @@ class RollingQAttention(nn.Module):
         q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2)
         v = self.v_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        if q.dtype not in SUPPORTED_DTYPES:  # named here: the op's error would name a q the caller never passed
+            raise TypeError(f"RollingQAttention computes in one of {SUPPORTED_DTYPES}; its projections of x gave "
+                            f"{q.dtype} (x {x.dtype}, weights {self.q_proj.weight.dtype})")
 
         ctrl = self.controller
         report = ctrl is not None and bool(ctrl.collecting) \
             and (self.training or bool(getattr(ctrl, "in_full_pass", False))) and not _recomputing()
-        want_stats = bool(need_stats) or report
+        want_stats = need_stats or report
         out, stats = functional.attention(
             q, k, v, ids, self.num_modalities + 1, rotation=self.rotation_for_kernel(),
             rotate_rows=nf if self.rotate == "fusion" else L, stats=want_stats, ids_in_range=True,

@@ -10,7 +10,7 @@ import torch
 
 from .rotation import LowRankRotation
 from .stats import AttentionStats
-from .validation import Rotation, RotateRows, check_inputs, plain_int, rotate_row_mask
+from .validation import Rotation, RotateRows, check_inputs, plain_scalars, rotate_row_mask
 
 
 def modality_one_hot(ids: torch.Tensor, num_modalities: int, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +113,8 @@ def rollingq_attention_reference(
     probabilities are scaled by 1 / (1 - dropout_p).
     `attn_mask`: as `rollingq_attention`'s (bool: True = attend; float: added to the scaled scores).
     """
-    num_modalities, rotate_rows = plain_int(num_modalities), plain_int(rotate_rows)
+    num_modalities, rotate_rows, causal, scale, stats = plain_scalars(
+        num_modalities, rotate_rows, causal, scale, stats)
     check_inputs(q, k, v, modality_ids, num_modalities, rotation, rotate_rows, causal, scale, dropout_p=dropout_p,
                  attn_mask=attn_mask, stats=stats)
     check_compute_dtype(compute_dtype)

@@ -187,6 +187,9 @@ def low_rank_rotation(rotation: torch.Tensor, max_rank: Optional[int] = None,
     if rtol is None:
         rtol = torch.finfo(rotation.dtype).eps * D ** 0.5
     r64 = rotation.detach().to("cpu", torch.float64)
+    # An inf makes the SVD's singular values NaN, which no `s > rtol` counts: rank 0, the identity.
+    if not bool(torch.isfinite(r64.to(torch.float32)).all()):
+        raise ValueError("rotation must be finite in float32 (it holds NaN or inf, or values past float32's range)")
     delta = r64 - torch.eye(D, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(delta)
     rank = int((s > rtol).sum(-1).max().item()) if H else 0

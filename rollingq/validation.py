@@ -16,6 +16,7 @@ import os
 import weakref
 from typing import Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .rotation import LowRankRotation
@@ -115,6 +116,18 @@ def plain_int(x):
     return x
 
 
+def plain_scalars(num_modalities, rotate_rows, causal, scale, stats):
+    """The scalar arguments in the types both paths compute with: numpy's (and other) integers as
+    Python ints, numpy's bool as a bool, real numbers such as a `Fraction` or `np.float32` as a
+    float (a traced SymFloat stays symbolic). Anything else is returned unchanged for the checks to
+    judge (a Python bool is no int here, a truthy string no bool)."""
+    num_modalities, rotate_rows = plain_int(num_modalities), plain_int(rotate_rows)
+    causal, stats = (bool(x) if isinstance(x, np.bool_) else x for x in (causal, stats))
+    if isinstance(scale, numbers.Real) and not isinstance(scale, (bool, float, torch.SymFloat, torch.SymInt)):
+        scale = float(scale)
+    return num_modalities, rotate_rows, causal, scale, stats
+
+
 def _require(cond: bool, message: Union[str, Callable[[], str]], exc=ValueError) -> None:
     """Raise exc(message) unless cond. Messages that format sizes come as a lambda, built only on
     failure: under torch.compile formatting a symbolic size fixes it to its current value (a new
@@ -143,6 +156,8 @@ def check_inputs(
     (RollingQAttention, which builds them from checked ones)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
         _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
+        _require_strided(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require(t.dim() == 4, lambda: f"{name} must be 4-D [B, heads, L, D], got shape {tuple(t.shape)}")
     _require(q.dtype in allowed_dtypes, lambda: f"q must have dtype in {allowed_dtypes}, got {q.dtype}", TypeError)
@@ -183,6 +198,7 @@ def check_inputs(
     elif rotation is not None:
         _require(isinstance(rotation, torch.Tensor), "rotation must be a torch.Tensor, a LowRankRotation or None",
                  TypeError)
+        _require_strided("rotation", rotation)
         _require(rotation.shape == (H, D, D), lambda: f"rotation must have shape [H, D, D] = [{H}, {D}, {D}], got {tuple(rotation.shape)}")
         _require(rotation.dtype.is_floating_point, lambda: f"rotation must be floating point, got {rotation.dtype}", TypeError)
         _require(rotation.device == q.device, lambda: f"rotation must be on {q.device}, got {rotation.device}")
@@ -191,6 +207,7 @@ def check_inputs(
                      "or values past float32's range)")
     if rotate_rows is not None:
         if isinstance(rotate_rows, torch.Tensor):
+            _require_strided("rotate_rows", rotate_rows)
             _require(rotate_rows.dtype == torch.bool, lambda: f"rotate_rows as a tensor must be bool, got {rotate_rows.dtype}", TypeError)
             _require((rotate_rows.dim() == 1 and rotate_rows.shape[0] == Lq)
                      or (rotate_rows.dim() == 2 and tuple(rotate_rows.shape) == (B, Lq)),
@@ -232,6 +249,7 @@ def check_attn_mask(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
         return
     _require(isinstance(attn_mask, torch.Tensor), lambda: f"attn_mask must be a torch.Tensor or None, got "
              f"{type(attn_mask).__name__}", TypeError)
+    _require_strided("attn_mask", attn_mask)
     _require(attn_mask.dtype == torch.bool or attn_mask.dtype in allowed_dtypes,
              lambda: f"attn_mask must be bool or one of {allowed_dtypes}, got {attn_mask.dtype}", TypeError)
     # `n == 1 or n == want`, not `n in (1, want)`: torch.compile(dynamic=True) cannot trace `in` on sizes.
@@ -258,6 +276,12 @@ def check_dropout(p, name: str = "dropout_p") -> None:
                          f"would drop everything), got {p!r}")
 
 
+def _require_strided(name: str, t: torch.Tensor) -> None:
+    # Sparse and other layouts would fail deep inside torch or Triton, far from the argument.
+    _require(t.layout == torch.strided, lambda: f"{name} must be a dense (strided) tensor, got layout {t.layout}",
+             TypeError)
+
+
 def _is_real(x) -> bool:
     """A real number: Python's, numpy's, or a SymInt/SymFloat while torch.compile traces; not a bool."""
     return isinstance(x, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(x, (bool, torch.SymBool))
@@ -266,6 +290,7 @@ def _is_real(x) -> bool:
 def _check_low_rank(rotation: LowRankRotation, H: int, D: int, device, check_values: bool) -> None:
     for name, t in (("rotation.left", rotation.left), ("rotation.right", rotation.right)):
         _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _require_strided(name, t)
         _require(t.dim() == 3 and t.shape[:2] == (H, D) and t.shape[2] <= D,
                  lambda: f"{name} must have shape [H, D, r] = [{H}, {D}, r] with r <= {D}, got {tuple(t.shape)}")
         _require(t.dtype.is_floating_point, lambda: f"{name} must be floating point, got {t.dtype}", TypeError)

@@ -63,6 +63,18 @@ def base(**over):
     (dict(stats="no"), TypeError, "stats must be a bool, got str"),
     (dict(stats=None), TypeError, "stats must be a bool, got NoneType"),
     (dict(stats=1), TypeError, "stats must be a bool, got int"),
+    (dict(q=torch.randn(2, 4, 6, 8).to_sparse()), TypeError, r"q must be a dense \(strided\) tensor, got layout"),
+    (dict(v=torch.randn(2, 2, 6, 8).to_sparse()), TypeError, r"v must be a dense \(strided\) tensor"),
+    (dict(modality_ids=torch.tensor([0, 0, 1, 1, -1, 1]).to_sparse()), TypeError,
+     r"modality_ids must be a dense \(strided\) tensor"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8).to_sparse(), rotate_rows=1), TypeError,
+     r"rotation must be a dense \(strided\) tensor"),
+    (dict(rotation=torch.eye(8).expand(4, 8, 8), rotate_rows=torch.ones(6, dtype=torch.bool).to_sparse()), TypeError,
+     r"rotate_rows must be a dense \(strided\) tensor"),
+    (dict(attn_mask=torch.ones(6, 6, dtype=torch.bool).to_sparse()), TypeError,
+     r"attn_mask must be a dense \(strided\) tensor"),
+    (dict(rotation=LowRankRotation(torch.randn(4, 8, 2).to_sparse(), torch.randn(4, 8, 2)), rotate_rows=1), TypeError,
+     r"rotation.left must be a dense \(strided\) tensor"),
 ])
 def test_bad_input_errors(over, exc, words):
     with pytest.raises(exc, match=words):
@@ -123,6 +135,28 @@ def test_numpy_integers_count_as_ints():
         assert not torch.equal(fn(**dict(args, rotate_rows=np.int64(0)))[0], want[0])  # the rows count
         with pytest.raises(TypeError, match="rotate_rows"):
             fn(**dict(args, rotate_rows=np.bool_(True)))
+
+
+def test_numpy_bools_and_other_reals_mean_what_python_ones_do():
+    """causal and stats as numpy bools (read from a config or an array) and scale as any real number
+    (a Fraction, np.float32) mean what Python's bool and float do, on the kernel path and in the
+    reference alike (a Fraction used to reach the reference's tensor product and fail there)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from rollingq.reference import rollingq_attention_reference
+
+    args = base(q=torch.randn(2, 4, 6, 8), rotation=torch.linalg.qr(torch.randn(4, 8, 8))[0], rotate_rows=2)
+    for fn in (rollingq.rollingq_attention, rollingq_attention_reference):
+        want = fn(**dict(args, causal=True, scale=0.25))
+        for causal, scale in ((np.bool_(True), 0.25), (True, Fraction(1, 4)), (True, np.float32(0.25))):
+            got = fn(**dict(args, causal=causal, scale=scale))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1].attn_mass, want[1].attn_mass)
+        assert not torch.equal(fn(**dict(args, causal=np.bool_(False), scale=0.25))[0], want[0])
+        assert fn(**dict(args, stats=np.bool_(False)))[1] is None
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            fn(**dict(args, scale=Fraction(10 ** 40)))
 
 
 def test_cpu_backend_setting_is_validated():

@@ -91,6 +91,11 @@ def test_factorization_errors():
         low_rank_rotation(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="max_rank must be None or an int >= 0"):
         low_rank_rotation(torch.eye(4)[None], max_rank=-1)
+    for bad in (float("nan"), float("inf"), 1e300):  # inf alone: NaN singular values, rank 0 if unchecked
+        R = torch.eye(4, dtype=torch.float64)[None].clone()
+        R[0, 1, 2] = bad
+        with pytest.raises(ValueError, match="rotation must be finite in float32"):
+            low_rank_rotation(R)
 
 
 # ------------------------------------------------------------------------------ the rotate kernel

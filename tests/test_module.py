@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import rollingq.functional
 from rollingq import rollingq_attention_reference
 from rollingq.modules import RollingQAttention
+from rollingq.rotation import plane_rotation
 
 
 def random_rotation(H, D, gen):
@@ -128,14 +129,32 @@ def test_rotation_buffer_state_dict_and_dtype():
     assert m3.rotation.dtype == torch.float32 and torch.equal(m3.rotation, sd["rotation"].bfloat16().float())
 
 
-def test_bad_rotation_buffer_is_named():
-    """A NaN in the rotation buffer (a bad checkpoint) is an error naming the rotation, not an SVD
-    failure inside the factoring."""
-    m = RollingQAttention(16, 2, 2)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_bad_rotation_buffer_is_named(bad, rotated):
+    """A NaN or inf in the rotation buffer (a bad checkpoint) is an error naming the rotation, not
+    an SVD failure inside the factoring, nor (inf: NaN singular values, which no rank counts) a
+    silent identity; also beside a real rotation, which an identity would drop."""
+    m = RollingQAttention(16, 2, 2)  # head dim 8: the factored form up to rank 1
     with torch.no_grad():
-        m.rotation[0, 1, 2] = float("nan")
+        if rotated:
+            m.rotation.copy_(plane_rotation(*torch.randn(2, 2, 8, dtype=torch.float64)).float())
+        m.rotation[0, 1, 2] = bad
     with pytest.raises(ValueError, match="rotation.*finite"):
         m(torch.randn(1, 5, 16), torch.tensor([0, 1, 1, 0]))
+
+
+def test_module_argument_errors_name_the_module_arguments():
+    """need_stats is a bool, as the op's stats (a truthy "no" used to turn the statistics on), and a
+    layer in an unsupported dtype is named as such, not by the op's `q` the caller never passed."""
+    m = RollingQAttention(16, 2, 2)
+    x, ids = torch.randn(1, 5, 16), torch.tensor([0, 1, 1, 0])
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match="need_stats must be a bool"):
+            m(x, ids, need_stats=bad)
+    m64 = RollingQAttention(16, 2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"RollingQAttention computes in one of .*torch.float64 \(x torch.float64"):
+        m64(x.double(), ids)
 
 
 def test_data_parallel_replica_with_a_controller_is_refused():
@@ -304,7 +323,7 @@ def test_kernel_gets_the_rotation_factored_while_its_rank_is_low(monkeypatch):
     the buffer's values change; a rotation of high rank: the dense buffer. The output matches the
     manual computation with the dense buffer in every state."""
     import rollingq.modules as modules
-    from rollingq.rotation import LowRankRotation, plane_rotation
+    from rollingq.rotation import LowRankRotation
 
     calls = []
     real = modules.low_rank_rotation
@@ -358,7 +377,6 @@ def test_capture_of_a_cuda_graph_reads_nothing_back(monkeypatch):
     assert validation.capturing_cuda_graph(torch.device("cuda"))
     assert not validation.capturing_cuda_graph(torch.device("cpu"))
     import rollingq.modules as modules
-    from rollingq.rotation import plane_rotation
 
     m = RollingQAttention(32, 2, 2)
     xs, ys = torch.randn(2, 2, 16, dtype=torch.float64)
@@ -375,7 +393,6 @@ def test_steady_state_forward_reads_no_values_back(low_rank, monkeypatch):
     """Value checks read data back (a host sync on CUDA). With the same modality_ids tensor and an
     unchanged rotation, only the first forward reads anything: the user's ids once, the rotation
     (its factors, or the dense buffer) once; the ids the module builds from them are not re-read."""
-    from rollingq.rotation import plane_rotation
     from rollingq.validation import CheckedValues
 
     reads = []
