@@ -85,7 +85,7 @@ def rollingq_attention(
         num_modalities: M, 1..16.
         rotation: [H, D, D] per-head rotation, a `rollingq.rotation.LowRankRotation` (the same
             rotation as I + left @ right^T: what `RollingQAttention` passes after plane rotations,
-            much cheaper at large D), or None. Selected rows use q' = q @ rotation[h]^T. Treated
+            much cheaper at large D; above rank 64 it runs as the dense matrix), or None. Selected rows use q' = q @ rotation[h]^T. Treated
             as a constant (no gradient). In float16 the rotated rows must fit float16: a rotation
             keeps a row's norm but may gather it into one component, so a row of norm above
             65504 can overflow there (the kernels rotate in float32 and round the rotated row).
@@ -195,6 +195,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
     return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))
 
 
+# Above this rank the factored form goes to the launchers as the dense matrix it stands for: the
+# factored rotate kernel holds [rows, r] and [D, r] tiles on chip (r = 768 at D 768 needs 397 KB of
+# shared memory on sm_90, past the card's 227 KB; r <= 64 builds without spills on sm_90 and sm_80),
+# and from r ~ D / 2 on the dense product is the cheaper one anyway.
+MAX_FACTORED_RANK = 64
+
+
 def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tensor,
                      rotation: Rotation, rotate_rows: RotateRows):
     """What the kernel path hands the fused op, from validated arguments: int32 ids [B, Lk] (shared
@@ -212,7 +219,10 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, modality_ids: torch.Tenso
     if isinstance(rotation, LowRankRotation):
         if rotation.rank == 0:
             return ids, None, None
-        rot = torch.stack([rotation.left.detach(), rotation.right.detach()], 1).float()
+        if rotation.rank > MAX_FACTORED_RANK:
+            rot = rotation.dense(torch.float32).detach()
+        else:
+            rot = torch.stack([rotation.left.detach(), rotation.right.detach()], 1).float()
     else:
         rot = rotation.detach().float()
     if isinstance(rotate_rows, int) and rotate_rows == Lq:

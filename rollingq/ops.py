@@ -114,10 +114,15 @@ def _setup_context(ctx, inputs, output):
     # Their gradients stay None: materialised, autograd would fill a zero tensor for each, one of
     # q's size when q_rot is saved, alive through the backward (1 U on its peak memory).
     ctx.set_materialize_grads(False)
+    # The rotation only turns dq back (dq = dq' R): kept only for q's gradient, so that a caller's
+    # rotation written in place after the forward (it may be the very tensor passed) does not fail a
+    # backward that never reads it.
+    ctx.rotated = save_qrot and rotation is not None and ctx.needs_input_grad[0]  # rot_mask None: every row
+    if not ctx.rotated:
+        rotation = rot_mask = None
     # Without a saved rotated copy, the queries the forward used are q itself.
     ctx.save_for_backward(q_rot if save_qrot else q, k, v, out, lse, ids, rotation, rot_mask, seed, attn_mask)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
-    ctx.rotated = save_qrot and rotation is not None  # rot_mask None: every row
 
 
 def _backward(ctx, d_out, d_lse, d_qrot, d_mass, d_ksum):

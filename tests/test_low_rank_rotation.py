@@ -202,6 +202,39 @@ def test_attention_parity(dtype, path, rows, poisoned, monkeypatch):
     _check_parity(B, H, 2, L, D, 3, dtype, rot, rot_rows, rows == "mask", gen)
 
 
+def test_high_rank_factors_go_dense():
+    """Above MAX_FACTORED_RANK the launchers get the dense matrix the factors stand for (the
+    factored rotate kernel's on-chip tiles grow with r; tests/test_aot_compile.py builds it at that
+    rank); at it, the packed factors."""
+    from rollingq.functional import MAX_FACTORED_RANK, kernel_arguments
+
+    gen = _gen("high_rank")
+    H, D = 2, 72
+    q = k = torch.zeros(1, H, 4, D)
+    ids = torch.zeros(4, dtype=torch.long)
+    at_cap = low_rank_rotation(_plane_rotations(H, D, MAX_FACTORED_RANK // 2, gen))
+    above = low_rank_rotation(torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float())
+    assert at_cap.rank == MAX_FACTORED_RANK and above.rank > MAX_FACTORED_RANK
+    _, rot, _ = kernel_arguments(q, k, ids, at_cap, 4)
+    assert rot.shape == (H, 2, D, MAX_FACTORED_RANK)
+    _, rot, _ = kernel_arguments(q, k, ids, above, 4)
+    assert rot.shape == (H, D, D) and rot.dtype == torch.float32
+    assert torch.allclose(rot, above.dense(torch.float32), atol=1e-6)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("rows", ["every", "mask"])
+def test_attention_parity_high_rank(rows, poisoned):
+    """A full-rank rotation passed factored (low_rank_rotation of a random orthogonal matrix), in
+    fp32, which rotates outside the attention kernels: it runs as the dense matrix, by the rule."""
+    gen = _gen("parity_high_rank", rows)
+    B, H, L, D = 2, 2, 13, 72
+    rot = low_rank_rotation(torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float())
+    assert rot.rank > 64
+    rot_rows = L if rows == "every" else (torch.rand(B, L, generator=gen) < 0.5).to(DEVICE)
+    _check_parity(B, H, 1, L, D, 3, torch.float32, rot, rot_rows, False, gen)
+
+
 @pytest.mark.kernel
 def test_the_low_rank_form_is_the_rotation():
     """Guards against a path that ignores the rotation or applies its transpose: the outputs with

@@ -187,6 +187,35 @@ def test_backward_runs_only_the_kernels_it_needs(wants, monkeypatch):
     assert calls == (["_bwd_dq"] if wants in ("q", "bias") else ["_bwd_dkdv"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rotation_written_after_the_forward(dtype):
+    """The rotation only turns dq back, so a backward without q's gradient does not keep it: the
+    caller's rotation (the very tensor the op got, when it is float32) written in place between
+    forward and backward leaves dk and dv as they were, as in the reference. With q's gradient the
+    op keeps it, and autograd reports the write instead of using the new values."""
+    gen, q, k, v, ids, rot = random_problem(dtype, 1, 2, 2, 16, 16, 32, 41)
+    q.requires_grad_(False)
+    grad = torch.randn(1, 2, 16, 32, generator=gen).to(DEVICE, dtype)
+
+    def grads(write):
+        R = rot.clone()
+        out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=R, rotate_rows=3)
+        if write:
+            with torch.no_grad():
+                R.mul_(-1)
+        return torch.autograd.grad(out, [k, v], grad)
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.equal(got, want)
+    q.requires_grad_(True)
+    R = rot.clone()
+    out, _ = rollingq.rollingq_attention(q, k, v, ids, 3, rotation=R, rotate_rows=3)
+    with torch.no_grad():
+        R.mul_(-1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, [q], grad)
+
+
 def test_flop_counter_counts_like_sdpa():
     """FlopCounterMode sees the ops: 4*B*H*Lq*Lk*D forward, 2.5 times that backward, as it counts
     SDPA (causal not halved; rotation and statistics not counted)."""
