@@ -79,7 +79,8 @@ def rollingq_attention(
 
     Args:
         q: [B, H, Lq, D] queries; k, v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA). One dtype among
-            float16, bfloat16, float32. Strided views are accepted as they are.
+            float16, bfloat16, float32. Strided views are accepted as they are. D up to 1024
+            where the kernels run (D above 256 through a split over D).
         modality_ids: int [Lk] (shared by the batch) or [B, Lk]: the modality 0..M-1 of each key,
             or -1 for padding (the key is ignored).
         num_modalities: M, 1..16.
@@ -167,7 +168,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
                  stats=stats)
     if not isinstance(dropout_p, torch.SymFloat):  # a traced value stays symbolic (no recompile per value)
         dropout_p = float(dropout_p)
-    if not uses_kernel(q.device) or q.numel() == 0 or k.shape[2] == 0:
+    kernel = uses_kernel(q.device)
+    if kernel and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_KERNEL_HEAD_DIM} where the kernels run, got "
+                         f"{q.shape[-1]}: the D-split forward keeps every D chunk's state on chip, which outgrows "
+                         f"the cards' shared memory above that (rollingq.reference computes any head dim)")
+    if not kernel or q.numel() == 0 or k.shape[2] == 0:
         # Empty batch or sequences: no attention to compute (zero rows when Lk = 0; for Lq = 0
         # only the key statistics), so PyTorch ops give the result without a kernel launch.
         # 16-bit inputs compute in float32, as the kernels accumulate: in their own dtype q . k
@@ -194,6 +200,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modality_ids: t
         return out, None
     return out, AttentionStats(mass, key_sum, key_counts(ids, num_modalities))
 
+
+# The D-split forward holds every D chunk's state on chip: its sm_90 builds need 144 KB of shared
+# memory at D 1024 (no spill), 208-224 KB with spills at 1536, and over the card's 227 KB at 2048.
+MAX_KERNEL_HEAD_DIM = 1024
 
 # Above this rank the factored form goes to the launchers as the dense matrix it stands for: the
 # factored rotate kernel holds [rows, r] and [D, r] tiles on chip (r = 768 at D 768 needs 397 KB of

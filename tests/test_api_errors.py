@@ -159,6 +159,25 @@ def test_numpy_bools_and_other_reals_mean_what_python_ones_do():
             fn(**dict(args, scale=Fraction(10 ** 40)))
 
 
+def test_head_dims_past_the_kernels_limit_are_refused_by_name():
+    """The split forward's on-chip state grows with D (over an H100's shared memory at 2048): where
+    the kernels run, heads above MAX_KERNEL_HEAD_DIM are refused naming q's head dim; the reference
+    computes them."""
+    from rollingq.functional import MAX_KERNEL_HEAD_DIM, uses_kernel
+    from rollingq.reference import rollingq_attention_reference
+
+    D = MAX_KERNEL_HEAD_DIM + 8
+    args = base(q=torch.randn(1, 1, 2, D), k=torch.randn(1, 1, 2, D), v=torch.randn(1, 1, 2, D),
+                modality_ids=torch.tensor([0, 1]))
+    assert rollingq_attention_reference(**args)[0].shape == (1, 1, 2, D)
+    if uses_kernel(args["q"].device):
+        with pytest.raises(ValueError, match=f"q's head dim must be at most {MAX_KERNEL_HEAD_DIM} where the kernels "
+                                             f"run, got {D}"):
+            rollingq.rollingq_attention(**args)
+    else:  # the CPU reference backend: no limit
+        assert rollingq.rollingq_attention(**args)[0].shape == (1, 1, 2, D)
+
+
 def test_cpu_backend_setting_is_validated():
     with pytest.raises(ValueError, match="backend must be one of"):
         rollingq.functional.set_cpu_backend("gpu")
