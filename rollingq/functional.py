@@ -86,10 +86,11 @@ def rollingq_attention(
         num_modalities: M, 1..16.
         rotation: [H, D, D] per-head rotation, a `rollingq.rotation.LowRankRotation` (the same
             rotation as I + left @ right^T: what `RollingQAttention` passes after plane rotations,
-            much cheaper at large D; above rank 64 it runs as the dense matrix), or None. Selected rows use q' = q @ rotation[h]^T. Treated
-            as a constant (no gradient). In float16 the rotated rows must fit float16: a rotation
-            keeps a row's norm but may gather it into one component, so a row of norm above
-            65504 can overflow there (the kernels rotate in float32 and round the rotated row).
+            much cheaper at large D; above rank 64 it runs as the dense matrix), or None. Selected
+            rows use q' = q @ rotation[h]^T. Treated as a constant (no gradient). In float16 the
+            rotated rows must fit float16: a rotation keeps a row's norm but may gather it into
+            one component, so a row of norm above 65504 can overflow there (the kernels rotate in
+            float32 and round the rotated row).
         rotate_rows: which query rows are rotated: None (none), an int n (rows 0..n-1), or a bool
             mask [Lq] or [B, Lq].
         causal: query i sees keys 0..i; requires Lq == Lk.

@@ -156,7 +156,6 @@ def check_inputs(
     (RollingQAttention, which builds them from checked ones)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
         _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    for name, t in (("q", q), ("k", k), ("v", v), ("modality_ids", modality_ids)):
         _require_strided(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require(t.dim() == 4, lambda: f"{name} must be 4-D [B, heads, L, D], got shape {tuple(t.shape)}")
