@@ -16,12 +16,16 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import aot_record  # noqa: E402  (plain data, no Triton)
 
 
-def run_bench_script(script: str, *args: str, timeout: int = 300, **env_extra: str):
-    """Run bench/<script> with the real compiler (TRITON_INTERPRET unset: the interpreter replaces it)."""
+def run_with_compiler(*args: str, timeout: int = 300, **env_extra: str):
+    """Run python with the real compiler (TRITON_INTERPRET unset: the interpreter replaces it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_bench_script(script: str, *args: str, timeout: int = 300, **env_extra: str):
+    """Run bench/<script> with the real compiler."""
+    return run_with_compiler(os.path.join(ROOT, "bench", script), *args, timeout=timeout, **env_extra)
 
 
 # The whole matrix (sm_90 and sm_80, fp16, bf16 and fp32: ~1200 compiles, ~25 min on 2 cores) is
@@ -179,8 +183,7 @@ def test_factored_rotation_at_its_largest_rank_fits_the_cards():
     sm_90 for 397 KB of shared memory. kernel_arguments sends ranks above MAX_FACTORED_RANK as the
     dense matrix; at that rank the kernel builds for sm_90 and sm_80 without spills, within the
     smallest card's shared memory (the interpreter models neither)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _RANK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_with_compiler("-c", _RANK_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(reports) == 8

@@ -41,6 +41,11 @@ def _plane_rotations(H, D, n, gen) -> torch.Tensor:
     return R.float()
 
 
+def _random_rotations(H, D, gen) -> torch.Tensor:
+    """float32 [H, D, D] random orthogonal matrices: R - I of full rank (up to D)."""
+    return torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float()
+
+
 # ------------------------------------------------------------------------------- factorization
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_composed_plane_rotations_factor_exactly(n):
@@ -213,7 +218,7 @@ def test_high_rank_factors_go_dense():
     q = k = torch.zeros(1, H, 4, D)
     ids = torch.zeros(4, dtype=torch.long)
     at_cap = low_rank_rotation(_plane_rotations(H, D, MAX_FACTORED_RANK // 2, gen))
-    above = low_rank_rotation(torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float())
+    above = low_rank_rotation(_random_rotations(H, D, gen))
     assert at_cap.rank == MAX_FACTORED_RANK and above.rank > MAX_FACTORED_RANK
     _, rot, _ = kernel_arguments(q, k, ids, at_cap, 4)
     assert rot.shape == (H, 2, D, MAX_FACTORED_RANK)
@@ -229,7 +234,7 @@ def test_attention_parity_high_rank(rows, poisoned):
     fp32, which rotates outside the attention kernels: it runs as the dense matrix, by the rule."""
     gen = _gen("parity_high_rank", rows)
     B, H, L, D = 2, 2, 13, 72
-    rot = low_rank_rotation(torch.linalg.qr(torch.randn(H, D, D, generator=gen, dtype=torch.float64))[0].float())
+    rot = low_rank_rotation(_random_rotations(H, D, gen))
     assert rot.rank > 64
     rot_rows = L if rows == "every" else (torch.rand(B, L, generator=gen) < 0.5).to(DEVICE)
     _check_parity(B, H, 1, L, D, 3, torch.float32, rot, rot_rows, False, gen)
